@@ -1,0 +1,1 @@
+"""Text sources, tokenizer training, shard writing and streaming."""

@@ -1,0 +1,132 @@
+"""The job's typed configuration: Hydra composes YAML from `conf/`, this module
+turns it into typed dataclasses once, at the entry point (as in lingua)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig
+from trainers.decoding import DecodingConfig
+from trainers.models import ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    """Run folder: config.yaml, metrics, checkpoints and outputs of this job go here."""
+    seed: int = 0
+    """Global seed for everything that is random in the job."""
+
+
+@dataclass
+class DemoConfig:
+    task: str = "reverse"
+    """Toy task for `seqfoundry demo`: `copy` or `reverse` a random token sequence."""
+    steps: int = 300
+    """Optimizer steps of the single-process toy training."""
+    batch_size: int = 64
+    """Sequences per batch."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up over 10% of the steps, then constant)."""
+    min_len: int = 3
+    """Shortest toy sequence (tokens, eos excluded)."""
+    max_len: int = 8
+    """Longest toy sequence (tokens, eos excluded)."""
+    num_eval: int = 64
+    """Held-out sequences decoded with each strategy at the end."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("copy", "reverse"):
+            raise ValueError(f"demo.task: must be 'copy' or 'reverse', got {self.task!r}")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"demo.min_len/max_len: need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        for key in ("steps", "batch_size", "num_eval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"demo.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class JobConfig:
+    """Every slice a seqfoundry job may use; each command hands each component its slice."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides, checked against JobConfig."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            raw = compose(config_name="config", overrides=overrides)
+        schema = OmegaConf.structured(JobConfig)
+        return OmegaConf.merge(schema, raw)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(one_line(err)) from err
+
+
+def to_typed(cfg: DictConfig) -> JobConfig:
+    """Resolve interpolations and build the typed objects (runs __post_init__ checks)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(one_line(err)) from err
+
+
+def one_line(err: BaseException) -> str:
+    """Squeeze a Hydra/OmegaConf/ValueError message into one line naming the key."""
+    if isinstance(err, OmegaConfBaseException):
+        full_key = getattr(err, "full_key", None)
+        msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+        return f"{full_key}: {msg}" if full_key else msg
+    if isinstance(err, ValueError) and isinstance(err.__cause__, OmegaConfBaseException):
+        return one_line(err.__cause__)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (for --help)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+def describe_keys(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every leaf field below `cls`, for --help output."""
+    rows: list[tuple[str, Any, str]] = []
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_keys(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,83 @@
+"""The `seqfoundry` CLI: help, --cfg job, multirun expansion and bad-config errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import COMMANDS, build_parser, expand_multirun, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_help_lists_exactly_the_registered_subcommands():
+    text = build_parser().format_help()
+    listed = set(re.search(r"\{([a-z,]+)\}", text).group(1).split(","))
+    assert listed == set(COMMANDS)
+
+
+def test_subcommand_help_documents_config_keys(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "model.num_heads" in out and "must divide `d_model`" in out
+    assert "decoding.beam_size" in out
+
+
+def test_cfg_job_prints_resolved_config_with_overrides(capsys):
+    assert main(["demo", "--cfg", "job", "model=lstm", "model.attention=additive", "run.dir=/tmp/x"]) == 0
+    out = capsys.readouterr().out
+    assert "arch: lstm" in out and "attention: additive" in out and "dir: /tmp/x" in out
+
+
+def test_experiment_tiny_shrinks_any_model(capsys):
+    assert main(["demo", "--cfg", "job", "model=gru", "experiment=tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "arch: gru" in out and "d_model: 64" in out
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.num_heads=5", "model.num_heads"),
+    ("model.arch=cnn", "model.arch"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("model.d_model=abc", "model.d_model"),
+    ("model.no_such_key=1", "model.no_such_key"),
+    ("decoding.beam_size=0", "decoding.beam_size"),
+    ("model=no_such_preset", "model"),
+])
+def test_bad_config_is_one_line_naming_the_key_with_exit_2(override, key):
+    proc = run_cli("demo", override)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert key in lines[0] and lines[0].startswith("seqfoundry demo: error:")
+
+
+def test_bad_value_in_one_multirun_job_fails_before_any_job_runs():
+    proc = run_cli("demo", "-m", "model.num_heads=4,5", "demo.steps=1")
+    assert proc.returncode == 2
+    assert "model.num_heads" in proc.stderr
+    assert "demo:" not in proc.stdout  # nothing ran
+
+
+def test_expand_multirun_takes_the_cartesian_product():
+    runs = expand_multirun(["model=lstm,gru", "demo.steps=1,2", "run.seed=3"])
+    assert len(runs) == 4
+    assert ["model=lstm", "demo.steps=1", "run.seed=3"] in runs
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    assert len(block) == 2
+    assert block[1] in (ROOT / ".ci" / "run").read_text().splitlines()
