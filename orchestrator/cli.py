@@ -38,6 +38,8 @@ COMMANDS: dict[str, Command] = {
     for c in (
         Command("demo", "train a tiny model on a toy task (copy/reverse) and compare decoding strategies",
                 "orchestrator.demo:run"),
+        Command("prepare", "train a tokenizer and write WebDataset shards + manifest.json into data.dir",
+                "orchestrator.prepare:run"),
     )
 }
 

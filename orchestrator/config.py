@@ -6,16 +6,18 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, ObjectiveConfig
 from trainers.decoding import DecodingConfig
 from trainers.models import ModelConfig
 
@@ -38,7 +40,7 @@ class RunConfig:
 class DemoConfig:
     task: str = "reverse"
     """Toy task for `seqfoundry demo`: `copy` or `reverse` a random token sequence."""
-    steps: int = 300
+    steps: int = 400
     """Optimizer steps of the single-process toy training."""
     batch_size: int = 64
     """Sequences per batch."""
@@ -68,17 +70,17 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     run: RunConfig = field(default_factory=RunConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose `conf/config.yaml` with Hydra overrides, checked against JobConfig."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            raw = compose(config_name="config", overrides=overrides)
-        schema = OmegaConf.structured(JobConfig)
-        return OmegaConf.merge(schema, raw)
+            return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(one_line(err)) from err
 
@@ -93,14 +95,19 @@ def to_typed(cfg: DictConfig) -> JobConfig:
 
 def one_line(err: BaseException) -> str:
     """Squeeze a Hydra/OmegaConf/ValueError message into one line naming the key."""
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, OmegaConfBaseException) and not isinstance(err, OmegaConfBaseException):
+        return one_line(cause)
     if isinstance(err, OmegaConfBaseException):
         full_key = getattr(err, "full_key", None)
         msg = str(getattr(err, "msg", None) or err).splitlines()[0]
         return f"{full_key}: {msg}" if full_key else msg
-    if isinstance(err, ValueError) and isinstance(err.__cause__, OmegaConfBaseException):
-        return one_line(err.__cause__)
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return " ".join(lines)
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text.split(" Config search path:")[0]
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown:
+        return f"{unknown.group(1)}: no such config key"
+    return text
 
 
 def field_docs(cls: type) -> dict[str, str]:

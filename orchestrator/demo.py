@@ -13,9 +13,11 @@ from omegaconf import OmegaConf
 
 from trainers.decoding import DecodingConfig, decode
 from trainers.models import build_model
-from trainers.toy import expected_outputs, toy_batch, train_toy
+from trainers.toy import FIRST_TOKEN, expected_outputs, toy_batch, train_toy
 
 from .config import JobConfig
+
+ALPHABET = 12
 
 
 def strategies(base: DecodingConfig, max_len: int) -> dict[str, DecodingConfig]:
@@ -47,14 +49,15 @@ def evaluate(model, batch, cfg: DecodingConfig) -> dict[str, float]:
 def run(job: JobConfig) -> int:
     torch.manual_seed(job.run.seed)
     d = job.demo
-    model = build_model(job.model)
+    # The toy task has its own tiny vocabulary: specials + ALPHABET ordinary tokens.
+    model = build_model(dataclasses.replace(job.model, vocab_size=FIRST_TOKEN + ALPHABET))
     print(f"demo: {job.model.arch}, {model.num_parameters():,} parameters, task={d.task}, {d.steps} steps")
     t0 = time.perf_counter()
-    losses = train_toy(model, task=d.task, steps=d.steps, batch_size=d.batch_size, lr=d.lr,
+    losses = train_toy(model, task=d.task, steps=d.steps, batch_size=d.batch_size, lr=d.lr, alphabet=ALPHABET,
                        min_len=d.min_len, max_len=d.max_len, seed=job.run.seed)
     print(f"trained in {time.perf_counter() - t0:.1f}s: loss {losses[0]:.3f} -> {losses[-1]:.4f}")
     gen = torch.Generator().manual_seed(job.run.seed + 1)
-    batch = toy_batch(d.task, d.num_eval, alphabet=12, min_len=d.min_len, max_len=d.max_len, generator=gen)
+    batch = toy_batch(d.task, d.num_eval, alphabet=ALPHABET, min_len=d.min_len, max_len=d.max_len, generator=gen)
     results = {name: evaluate(model, batch, cfg) for name, cfg in strategies(job.decoding, d.max_len + 1).items()}
     print_table(results)
     save(job, losses, results)

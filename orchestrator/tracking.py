@@ -1,0 +1,93 @@
+"""Experiment tracking: `metrics.jsonl` in the run folder and Weights & Biases.
+
+W&B runs offline unless the user has a key (WANDB_API_KEY or `wandb login`)
+and `tracking.mode=auto`; a run keeps one W&B run id across restarts (the id
+lives in the run folder and in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "seqfoundry"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None = the default of the key."""
+    mode: str = "offline"
+    """`offline` (default), `online`, `auto` (online when a key is configured) or `disabled`."""
+    group: str | None = None
+    """W&B group tying runs together (a pipeline or a sweep sets it)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "auto", "disabled"):
+            raise ValueError(f"tracking.mode: must be offline, online, auto or disabled, got {self.mode!r}")
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def new_run_id() -> str:
+    import wandb
+
+    return wandb.util.generate_id()
+
+
+class Tracker:
+    """Rank 0's logger: appends to metrics.jsonl and logs to W&B under one run id."""
+
+    def __init__(self, cfg: TrackingConfig, *, run_dir: str | Path, run_id: str, name: str,
+                 config: dict[str, Any], resume_from_step: int = 0, job_type: str = "train"):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._truncate_after(resume_from_step)
+        self._t0 = time.time()
+        self.wandb = None
+        if cfg.resolved_mode() != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags, name=name,
+                id=run_id, resume="allow", mode=cfg.resolved_mode(), dir=str(self.run_dir),
+                config=config, job_type=job_type, settings=wandb.Settings(console="off", silent=True))
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **metrics, "time": time.time()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
