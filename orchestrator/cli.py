@@ -27,6 +27,8 @@ class Command:
     runner: str
     """`module:function` taking a JobConfig and returning an exit code."""
     multirun: bool = True
+    defaults: tuple[str, ...] = ()
+    """Overrides applied before the user's (which win)."""
 
     def load(self) -> Callable[[JobConfig], int]:
         module, func = self.runner.split(":")
@@ -40,6 +42,12 @@ COMMANDS: dict[str, Command] = {
                 "orchestrator.demo:run"),
         Command("prepare", "train a tokenizer and write WebDataset shards + manifest.json into data.dir",
                 "orchestrator.prepare:run"),
+        Command("pretrain", "pretrain a model on prepared data with Ray Train x DeepSpeed (BART/T5 noising)",
+                "orchestrator.train:run_pretrain"),
+        Command("finetune", "fine-tune a model package (pretrained=...) on source/target pairs",
+                "orchestrator.train:run_finetune", defaults=("objective=pairs",)),
+        Command("export", "write the model package of a checkpoint of the run in run.dir",
+                "orchestrator.train:run_export", multirun=False),
     )
 }
 
@@ -66,6 +74,12 @@ def _keys_epilog() -> str:
     return "config keys (override with KEY=VALUE; groups: model=, decoding=, experiment=):\n" + "\n".join(rows)
 
 
+def with_defaults(cmd: Command, overrides: list[str]) -> list[str]:
+    """The command's own defaults, unless the user overrides the same key."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [d for d in cmd.defaults if d.split("=", 1)[0] not in given] + list(overrides)
+
+
 def expand_multirun(overrides: list[str]) -> list[list[str]]:
     """`a=1,2 b=x` -> [[a=1, b=x], [a=2, b=x]] (Hydra's basic sweeper rules)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -76,7 +90,7 @@ def expand_multirun(overrides: list[str]) -> list[list[str]]:
 
 
 def run_one(cmd: Command, overrides: list[str], print_cfg: bool) -> int:
-    cfg = compose_config(overrides)
+    cfg = compose_config(with_defaults(cmd, overrides))
     job = to_typed(cfg)  # validates every slice before anything runs
     if print_cfg:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "multirun", False):
             batches = expand_multirun(args.overrides)
             for overrides in batches:  # check every combination before running any
-                to_typed(compose_config(overrides))
+                to_typed(compose_config(with_defaults(cmd, overrides)))
             codes = [run_one(cmd, overrides, args.cfg is not None) for overrides in batches]
             return max(codes, default=0)
         return run_one(cmd, args.overrides, args.cfg is not None)

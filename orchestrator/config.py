@@ -18,8 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, ObjectiveConfig
+from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from trainers.decoding import DecodingConfig
 from trainers.models import ModelConfig
+
+from .tracking import TrackingConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -34,6 +37,28 @@ class RunConfig:
     """Run folder: config.yaml, metrics, checkpoints and outputs of this job go here."""
     seed: int = 0
     """Global seed for everything that is random in the job."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""
+    """Ray cluster to join (`auto`, `ray://head:10001`, `127.0.0.1:6379`); empty = start a local one."""
+    num_cpus: int = 0
+    """CPUs of the local cluster started when `address` is empty; 0 = all of this machine's."""
+    storage_path: str = ""
+    """Shared storage for checkpoints on a multi-node cluster; empty = `run.dir` (one machine)."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0:
+            raise ValueError(f"cluster.num_cpus: must be >= 0, got {self.num_cpus}")
+
+
+@dataclass
+class ExportConfig:
+    tag: str = ""
+    """Checkpoint to export (`step_00000100`, a folder under <run.dir>/checkpoints); empty = the latest."""
+    out: str = ""
+    """Package folder to write; empty = <run.dir>/model."""
 
 
 @dataclass
@@ -72,7 +97,17 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    resume: bool = False
+    """Continue the run in `run.dir` from its last checkpoint (after the driver died)."""
+    pretrained: str = ""
+    """Model package to fine-tune from (`seqfoundry finetune pretrained=<run>/model`)."""
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -83,6 +118,15 @@ def compose_config(overrides: list[str]) -> DictConfig:
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(one_line(err)) from err
+
+
+def load_job_config(path: str | Path) -> JobConfig:
+    """A run folder's saved config.yaml as a typed JobConfig."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{path}: {one_line(err)}") from err
+    return to_typed(merged)
 
 
 def to_typed(cfg: DictConfig) -> JobConfig:

@@ -3,7 +3,7 @@
     seqfoundry prepare                                   # the built-in corpus into data/builtin
     seqfoundry prepare experiment=tiny data.dir=/tmp/d   # a few seconds on a CPU
     seqfoundry prepare data=pairs 'data.sources=[pairs/*.jsonl]' data.dir=data/mypairs
-    seqfoundry prepare data.ray_address=auto             # tokenize on a running Ray cluster
+    seqfoundry prepare cluster.address=auto              # tokenize on a running Ray cluster
 
 Everything that can be wrong with the config, the sources or the target
 folder is checked before Ray starts (one line, exit code 2).
@@ -11,13 +11,12 @@ folder is checked before Ray starts (one line, exit code 2).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from data_pipeline.prepare import plan as plan_prepare
 from data_pipeline.prepare import run as run_prepare
 
+from .cluster import ray_session
 from .config import ConfigError, JobConfig
 
 
@@ -29,25 +28,10 @@ def run(job: JobConfig) -> int:
     if plan.up_to_date:
         print(f"prepare: {plan.folder} already holds this dataset (manifest.json verified)")
         return 0
-    with ray_session(job.data.ray_address):
+    with ray_session(job.cluster):
         manifest = run_prepare(plan, progress=True)
     print(summary(manifest.data, plan.folder))
     return 0
-
-
-@contextmanager
-def ray_session(address: str) -> Iterator[None]:
-    """Join `address`, or start a local cluster; reuse a connection this process already has."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def summary(manifest: dict, folder: Path) -> str:

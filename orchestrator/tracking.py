@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +46,9 @@ def _netrc_has_wandb() -> bool:
 
 
 def new_run_id() -> str:
-    import wandb
-
-    return wandb.util.generate_id()
+    """A W&B-style run id (8 characters of [a-z0-9])."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 class Tracker:

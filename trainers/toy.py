@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .loss import seq2seq_loss
 from .models import BOS_ID, EOS_ID, PAD_ID, Seq2SeqModel
 
 FIRST_TOKEN = 4  # after pad, bos, eos, unk
@@ -42,11 +42,6 @@ def _reverse_padded(src: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(src.size(1))[None, :]  # (1, S)
     index = (lengths[:, None] - 1 - positions).clamp(min=0)  # (B, S)
     return src.gather(1, index).masked_fill(positions >= lengths[:, None], PAD_ID)
-
-
-def seq2seq_loss(logits: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy, padding ignored. logits (B, T, V), tgt_out (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID)
 
 
 def train_toy(model: Seq2SeqModel, *, task: str, steps: int, batch_size: int = 64, lr: float = 3e-3,

@@ -1,0 +1,245 @@
+"""`seqfoundry pretrain` / `finetune` / `export`: preflight → Ray Train
+(`TorchTrainer` × DeepSpeed) → model package.
+
+    seqfoundry pretrain experiment=tiny data.dir=data/tiny run.dir=runs/p1
+    seqfoundry pretrain ... resume=true              # continue after the driver died
+    seqfoundry finetune pretrained=runs/p1/model data.dir=data/tiny run.dir=runs/f1
+    seqfoundry export run.dir=runs/p1 [export.tag=step_00000100] [export.out=...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from data_pipeline import Manifest
+from trainers.export import export_package
+from trainers.models import ModelConfig
+from trainers.package import Lineage, PackageError, check_compatible, read_model_config, sha256_file
+
+from .cluster import local_cpus, ray_session
+from .config import ConfigError, JobConfig
+from .tracking import Tracker, new_run_id
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Plan:
+    """What preflight established, before any Ray resource is requested."""
+
+    mode: str
+    run_dir: Path
+    storage_path: str
+    manifest: Manifest
+    model: ModelConfig
+    pretrained: str
+    config_sha256: str
+    has_checkpoint: bool
+
+
+def run_pretrain(job: JobConfig) -> int:
+    return train(job, mode="pretrain")
+
+
+def run_finetune(job: JobConfig) -> int:
+    return train(job, mode="finetune")
+
+
+def train(job: JobConfig, *, mode: str) -> int:
+    plan = preflight(job, mode=mode)
+    run_info = open_run_dir(job, plan)
+    t0 = time.perf_counter()
+    with ray_session(job.cluster):
+        fit(job, plan, run_info)
+    package = write_final_package(plan, run_info)
+    print(f"{mode}: done in {time.perf_counter() - t0:.0f}s; model package {package}")
+    return 0
+
+
+# --- preflight ------------------------------------------------------------------
+
+def preflight(job: JobConfig, *, mode: str) -> Plan:
+    """Every check that can fail on the config, the data or the run folder (ConfigError)."""
+    manifest = load_manifest(job.data.dir)
+    model = job.model
+    if mode == "finetune":
+        model = finetune_model_config(job, manifest)
+    if model.vocab_size != manifest.vocab_size:
+        raise ConfigError(f"model.vocab_size: {model.vocab_size} != {manifest.vocab_size}, the vocabulary of "
+                          f"{manifest.tokenizer_path} (set model.vocab_size={manifest.vocab_size})")
+    check_fields(job, manifest, mode)
+    check_resources(job)
+    if job.deepspeed.zero_stage == 3 and model.arch != "transformer" and not job.deepspeed.allow_rnn_zero3:
+        raise ConfigError(f"deepspeed.zero_stage: ZeRO-3 is refused for model.arch={model.arch}: partitioned "
+                          "RNN weights break nn.LSTM/GRU's flat-weight cache; use deepspeed.zero_stage<=2")
+    run_dir = Path(job.run.dir).resolve()
+    storage = job.cluster.storage_path or str(run_dir)
+    has_ckpt = any((Path(storage) / CHECKPOINTS).glob("step_*")) if "://" not in storage else job.resume
+    if has_ckpt and not job.resume:
+        raise ConfigError(f"run.dir: {run_dir} already holds a run with checkpoints; pass resume=true to continue "
+                          "it or choose another run.dir")
+    if job.resume and not has_ckpt:
+        raise ConfigError(f"resume: {run_dir} has no checkpoint to resume from")
+    return Plan(mode, run_dir, storage, manifest, model, job.pretrained, config_sha256(job), has_ckpt)
+
+
+def load_manifest(data_dir: str) -> Manifest:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"data.dir: {path} not found (run `seqfoundry prepare data.dir={data_dir}` first)")
+    try:
+        return Manifest.load(data_dir)
+    except (ValueError, KeyError, OSError) as err:
+        raise ConfigError(f"data.dir: {path} is not a valid manifest ({' '.join(str(err).split())})") from err
+
+
+def finetune_model_config(job: JobConfig, manifest: Manifest) -> ModelConfig:
+    """The package's architecture, with the job's dropout; refuse a package of another vocabulary."""
+    if not job.pretrained:
+        raise ConfigError("pretrained: finetune needs pretrained=<model package folder>")
+    try:
+        packaged = read_model_config(job.pretrained)
+        check_compatible(job.pretrained, tokenizer_json=manifest.tokenizer_path, vocab_size=manifest.vocab_size)
+    except PackageError as err:
+        raise ConfigError(f"pretrained: {err}") from err
+    return dataclasses.replace(packaged, dropout=job.model.dropout)
+
+
+def check_fields(job: JobConfig, manifest: Manifest, mode: str) -> None:
+    fields = tuple(manifest.data.get("fields", ("tgt",)))
+    if job.objective.name == "pairs" and "src" not in fields:
+        raise ConfigError(f"objective.name: 'pairs' needs source/target pairs but {manifest.path} holds plain "
+                          "text (prepare with data.task=restore or data.task=pairs)")
+
+
+def check_resources(job: JobConfig) -> None:
+    cpus = local_cpus(job.cluster)
+    t = job.trainer
+    if cpus is not None and t.num_workers * t.cpus_per_worker > cpus:
+        raise ConfigError(f"trainer.num_workers: {t.num_workers} workers x {t.cpus_per_worker} CPUs exceed the "
+                          f"{cpus} CPUs of the local cluster (lower it, or join a cluster with cluster.address)")
+    if t.use_gpu and cpus is not None:
+        import torch
+
+        if torch.cuda.device_count() < t.num_workers:
+            raise ConfigError(f"trainer.use_gpu: {t.num_workers} workers need {t.num_workers} GPUs, this machine "
+                              f"has {torch.cuda.device_count()}")
+
+
+def config_sha256(job: JobConfig) -> str:
+    """Hash of what defines the training (run folder, resume and chaos keys left out)."""
+    cfg = OmegaConf.to_container(OmegaConf.structured(job))
+    for key in ("run", "resume", "chaos", "cluster", "tracking", "demo", "decoding"):
+        cfg.pop(key, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+# --- the run folder -----------------------------------------------------------------
+
+def open_run_dir(job: JobConfig, plan: Plan) -> dict:
+    """Create (or reopen on resume) the run folder: config.yaml and run.json with the W&B run id."""
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    info_path = plan.run_dir / "run.json"
+    if plan.has_checkpoint and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        info["resumed"] = info.get("resumed", 0) + 1
+    else:
+        info = {"wandb_run_id": new_run_id(), "mode": plan.mode, "created": time.time(), "resumed": 0}
+    info.update(config_sha256=plan.config_sha256, pretrained=plan.pretrained,
+                data_manifest_sha256=sha256_file(plan.manifest.path))
+    info_path.write_text(json.dumps(info, indent=2))
+    (plan.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+    return info
+
+
+# --- Ray Train -----------------------------------------------------------------------
+
+def fit(job: JobConfig, plan: Plan, run_info: dict) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.loop import WorkerJob, train_loop_per_worker
+
+    t = job.trainer
+    worker_job = WorkerJob(
+        model=plan.model, trainer=t, deepspeed=job.deepspeed, data=job.data, objective=job.objective,
+        chaos=job.chaos, run_dir=str(plan.run_dir), pretrained=plan.pretrained,
+        make_tracker=TrackerFactory(job, plan, run_info),
+        extra={"wandb_run_id": run_info["wandb_run_id"], "config_sha256": plan.config_sha256})
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"job": worker_job},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=CHECKPOINTS, storage_path=plan.storage_path,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last)))
+    trainer.fit()
+
+
+@dataclass
+class TrackerFactory:
+    """Picklable recipe for rank 0's Tracker (W&B + metrics.jsonl), made inside the worker."""
+
+    job: JobConfig
+    plan: Plan
+    run_info: dict
+
+    def __call__(self, *, resume_from_step: int) -> Tracker:
+        config = OmegaConf.to_container(OmegaConf.structured(self.job))
+        return Tracker(self.job.tracking, run_dir=self.plan.run_dir, run_id=self.run_info["wandb_run_id"],
+                       name=self.plan.run_dir.name, config=config, resume_from_step=resume_from_step,
+                       job_type=self.plan.mode)
+
+
+# --- packages --------------------------------------------------------------------------
+
+def latest_checkpoint(storage_path: str) -> Path:
+    found = sorted((Path(storage_path) / CHECKPOINTS).glob("step_*"))
+    if not found:
+        raise ConfigError(f"run.dir: no checkpoint under {Path(storage_path) / CHECKPOINTS}")
+    return found[-1]
+
+
+def write_final_package(plan: Plan, run_info: dict, *, checkpoint: Path | None = None,
+                        out: Path | None = None) -> Path:
+    """Consolidate a checkpoint (default: the latest) into `<run.dir>/model`."""
+    checkpoint = checkpoint or latest_checkpoint(plan.storage_path)
+    tag = next(p.name for p in checkpoint.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    lineage = Lineage(
+        parent_package=str(Path(plan.pretrained).resolve()) if plan.pretrained else None,
+        parent_sha256=sha256_file(Path(plan.pretrained) / "model.safetensors") if plan.pretrained else None,
+        data_manifest_sha256=sha256_file(plan.manifest.path), config_sha256=plan.config_sha256,
+        wandb_run_id=run_info["wandb_run_id"], step=int(tag.split("_")[1]))
+    return export_package(checkpoint, out or plan.run_dir / "model", model_cfg=plan.model,
+                          tokenizer=plan.manifest.tokenizer_path, lineage=lineage, tag=tag)
+
+
+def run_export(job: JobConfig) -> int:
+    """Write the model package of any checkpoint of the run in `run.dir`."""
+    run_dir = Path(job.run.dir).resolve()
+    info_path, config_path = run_dir / "run.json", run_dir / "config.yaml"
+    if not info_path.is_file() or not config_path.is_file():
+        raise ConfigError(f"run.dir: {run_dir} is not a training run folder (no run.json/config.yaml)")
+    from .config import load_job_config
+
+    saved = load_job_config(config_path)
+    info = json.loads(info_path.read_text())
+    manifest = load_manifest(saved.data.dir)
+    model = read_model_config(saved.pretrained) if saved.pretrained else saved.model
+    storage = saved.cluster.storage_path or str(run_dir)
+    checkpoint = Path(storage) / CHECKPOINTS / job.export.tag if job.export.tag else latest_checkpoint(storage)
+    if not checkpoint.is_dir():
+        raise ConfigError(f"export.tag: {checkpoint} not found")
+    plan = Plan(info.get("mode", "pretrain"), run_dir, storage, manifest,
+                dataclasses.replace(model, dropout=saved.model.dropout), saved.pretrained,
+                info.get("config_sha256", ""), True)
+    out = Path(job.export.out) if job.export.out else run_dir / "model"
+    print(f"export: {write_final_package(plan, info, checkpoint=checkpoint, out=out)}")
+    return 0

@@ -1,0 +1,159 @@
+"""prepare without Ray: tokenizer round trip, manifest checksums, determinism, overwrite protection."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from data_pipeline import DataConfig, Manifest, ShardStream, decode, encode, load_tokenizer, prepare
+from data_pipeline.manifest import bad_files
+from data_pipeline.sources import TextLimits, builtin_documents
+from data_pipeline.tokenizer import MASK_TOKEN, special_tokens, train_tokenizer
+
+TINY = dict(max_documents=6, vocab_size=320, num_sentinels=8, shard_samples=16)
+
+
+def tiny(folder, **overrides) -> DataConfig:
+    return DataConfig(dir=str(folder), **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Manifest:
+    return prepare(tiny(tmp_path_factory.mktemp("prep") / "data"), progress=False, use_ray=False)
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_tokenizer_round_trip_and_reserved_ids(kind):
+    texts = [r.tgt for d in builtin_documents("text", TextLimits(), 4) for r in d.records]
+    tok = train_tokenizer(texts, kind=kind, vocab_size=400, num_sentinels=5)
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    assert tok.token_to_id("<extra_id_0>") == 4 and tok.token_to_id(MASK_TOKEN) == 9
+    for text in texts[:20]:
+        ids = encode(tok, text)
+        assert 3 not in ids and decode(tok, ids) == text
+    assert decode(tok, [1, *encode(tok, texts[0]), 2, 0, 0]) == texts[0]  # specials are skipped
+
+
+def test_tokenizer_training_is_reproducible():
+    texts = [r.tgt for d in builtin_documents("text", TextLimits(), 3) for r in d.records]
+    for kind in ("bpe", "unigram"):
+        a, b = (train_tokenizer(texts, kind=kind, vocab_size=360, num_sentinels=4).to_str() for _ in range(2))
+        assert a == b
+
+
+def test_manifest_records_samples_tokens_and_checksums(prepared):
+    data, folder = prepared.data, prepared.folder
+    assert data["tokenizer_sha256"] == hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+    for shard in data["shards"]:
+        raw = (folder / shard["path"]).read_bytes()
+        assert shard["sha256"] == hashlib.sha256(raw).hexdigest() and shard["bytes"] == len(raw)
+        assert shard["path"].startswith("shards/") and shard["path"].endswith(".tar")
+    assert data["num_samples"] == sum(s["samples"] for s in data["shards"])
+    assert data["num_tokens"] == sum(s["tokens"] for s in data["shards"])
+    for name, split in data["splits"].items():
+        shards = [s for s in data["shards"] if s["split"] == name]
+        assert split["num_samples"] == sum(s["samples"] for s in shards) > 0
+    assert data["dtype"] == "uint16" and data["vocab_size"] == 320
+    assert data["specials"] | {"pad": 0, "bos": 1, "eos": 2, "unk": 3} == data["specials"]
+    assert bad_files(prepared) == []
+
+
+def test_shards_hold_the_tokenized_text_with_unique_keys_and_document_splits(prepared):
+    tok = load_tokenizer(prepared.tokenizer_path)
+    keys = {}
+    for split in ("train", "valid", "test"):
+        samples = list(ShardStream(prepared.path, rank=0, world_size=1, seed=0, shuffle=False, split=split))
+        assert len(samples) == prepared.data["splits"][split]["num_samples"]
+        keys[split] = {s["__key__"] for s in samples}
+        for s in samples[:10]:
+            tgt = decode(tok, s["tgt"])
+            assert decode(tok, s["src"]) == " ".join(tgt.lower().replace("'", "").translate(
+                {ord(c): " " for c in "!\"#$%&()*+,-./:;<=>?@[\\]^`{|}~"}).split())
+    assert sum(map(len, keys.values())) == len(set().union(*keys.values())) == prepared.data["num_samples"]
+    docs = {split: {k.split("-")[0] for k in ks} for split, ks in keys.items()}  # key = <document>-<record>
+    assert not (docs["train"] & docs["valid"] or docs["train"] & docs["test"] or docs["valid"] & docs["test"])
+
+
+def test_prepare_is_byte_identical_and_skips_an_intact_copy(prepared, tmp_path):
+    again = prepare(tiny(tmp_path / "again"), progress=False, use_ray=False)
+    assert file_digests(again.folder) == file_digests(prepared.folder)
+    stamp = (again.folder / "manifest.json").stat().st_mtime_ns
+    prepare(tiny(tmp_path / "again"), progress=False, use_ray=False)
+    assert (again.folder / "manifest.json").stat().st_mtime_ns == stamp  # up to date: nothing rewritten
+
+
+def test_a_different_dataset_is_never_overwritten_silently(prepared, tmp_path):
+    folder = tmp_path / "d"
+    prepare(tiny(folder), progress=False, use_ray=False)
+    before = file_digests(folder)
+    with pytest.raises(ValueError, match=rf"data.dir: {folder} holds a different prepared dataset"):
+        prepare(tiny(folder, shard_samples=7), progress=False, use_ray=False)
+    assert file_digests(folder) == before
+    prepare(tiny(folder, shard_samples=7, overwrite=True), progress=False, use_ray=False)
+    assert Manifest.load(folder).data["config"]["shard_samples"] == 7
+    assert not (folder / ".staging").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="data.dir: .* holds no manifest.json"):
+        prepare(tiny(foreign), progress=False, use_ray=False)
+
+
+def test_a_damaged_copy_of_the_same_dataset_is_rebuilt(tmp_path):
+    m = prepare(tiny(tmp_path / "d"), progress=False, use_ray=False)
+    good = file_digests(m.folder)
+    (m.folder / m.data["shards"][0]["path"]).write_bytes(b"broken")
+    prepare(tiny(tmp_path / "d"), progress=False, use_ray=False)
+    assert file_digests(m.folder) == good
+
+
+def test_reusing_a_tokenizer_keeps_its_ids(prepared, tmp_path):
+    m = prepare(tiny(tmp_path / "r", task="text", tokenizer=str(prepared.tokenizer_path)),
+                progress=False, use_ray=False)
+    assert (m.folder / "tokenizer.json").read_bytes() == prepared.tokenizer_path.read_bytes()
+    assert m.data["fields"] == ["tgt"] and m.data["specials"]["num_sentinels"] == 8
+    bad = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    bad.pre_tokenizer = pre_tokenizers.Whitespace()
+    bad.save(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="data.tokenizer: .*'<pad>' must have id 0"):
+        prepare(tiny(tmp_path / "x", tokenizer=str(tmp_path / "bad.json")), progress=False, use_ray=False)
+
+
+def test_jsonl_pairs_prepare_into_src_tgt_samples(tmp_path):
+    rows = [{"src": f"zahl {i} ist hier", "tgt": f"number {i} is here"} for i in range(30)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny(tmp_path / "p", task="pairs", sources=[str(tmp_path / "pairs.jsonl")], max_documents=0)
+    with pytest.warns(UserWarning, match="data.vocab_size: the corpus gave"):  # 30 short lines: a small vocabulary
+        m = prepare(cfg, progress=False, use_ray=False)
+    tok = load_tokenizer(m.tokenizer_path)
+    got = {decode(tok, s["src"]): decode(tok, s["tgt"])
+           for s in ShardStream(m.path, rank=0, world_size=1, seed=0)}
+    assert got == {r["src"]: r["tgt"] for r in rows}
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(vocab_size=100), "data.vocab_size"), (dict(task="poems"), "data.task"),
+    (dict(tokenizer_type="wordpiece"), "data.tokenizer_type"), (dict(valid_fraction=0.6, test_fraction=0.5),
+                                                                "data.valid_fraction"),
+    (dict(task="pairs"), "data.sources"), (dict(sources=["x.jsonl"]), "data.task"),
+    (dict(remainder="wrap"), "data.remainder"), (dict(shard_samples=0), "data.shard_samples"),
+])
+def test_bad_data_config_names_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        DataConfig(**overrides)
+
+
+def test_ids_fit_uint16_and_match_the_vocabulary(prepared):
+    sample = next(iter(ShardStream(prepared.path, rank=0, world_size=1, seed=0)))
+    assert sample["tgt"].dtype == np.dtype("<u2") and int(sample["tgt"].max()) < prepared.vocab_size
+    assert len(special_tokens(8)) == 13

@@ -1,0 +1,283 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+It reads like a checklist: build the model → wrap it with DeepSpeed → restore
+the last checkpoint → stream this rank's batches → step, log, validate,
+checkpoint.  Rank awareness lives in the arguments (`rank`, `world_size` from
+the Ray Train context) and in rank 0's tracker; nothing else asks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import Batch, DataConfig, ObjectiveConfig, Progress, build_batcher, data_loader
+
+from . import checkpoint as ckpt
+from .config import ChaosConfig, DeepSpeedConfig, TrainerConfig
+from .engine import build_engine
+from .models import ModelConfig, Seq2SeqModel, build_model
+from .package import load_package
+from .throughput import StepTimer, device_peak_flops
+from .loss import seq2seq_loss
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs, as typed slices (pickled to every rank by Ray)."""
+
+    model: ModelConfig
+    trainer: TrainerConfig
+    deepspeed: DeepSpeedConfig
+    data: DataConfig
+    objective: ObjectiveConfig
+    chaos: ChaosConfig
+    run_dir: str
+    pretrained: str = ""
+    """Model package whose weights initialise the model (fine-tuning)."""
+    peak_flops: float = 0.0
+    """Device peak FLOP/s for MFU; 0 = look it up (GPU) or measure it (CPU)."""
+    make_tracker: Callable[..., Any] | None = None
+    """Rank 0 calls make_tracker(resume_from_step=...) to get an object with log/summary/finish."""
+    extra: dict = field(default_factory=dict)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config={"job": WorkerJob})`."""
+    job: WorkerJob = config["job"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.trainer.use_gpu else "cpu")
+    import ray.train
+
+    context = ray.train.get_context()
+    Worker(job, rank=context.get_world_rank(), world_size=context.get_world_size()).run()
+
+
+class Worker:
+    def __init__(self, job: WorkerJob, *, rank: int, world_size: int):
+        self.job, self.rank, self.world_size = job, rank, world_size
+        self.cfg = job.trainer
+        torch.set_num_threads(self.cfg.cpus_per_worker)
+        self.on_gpu = self.cfg.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.consumed = Progress()  # stream positions of the batches trained on this epoch
+        self.dropped = self.truncated = 0  # over-long samples seen by this rank
+
+    # --- setup ---------------------------------------------------------------
+
+    def build(self) -> None:
+        ckpt.seed_everything(self.cfg.seed)  # identical initial weights on every rank
+        model = load_package(self.job.pretrained) if self.job.pretrained else build_model(self.job.model)
+        self.model: Seq2SeqModel = model.train()
+        ckpt.seed_everything(self.cfg.seed + 1000 * self.rank)  # distinct dropout per rank
+        self.engine, self.precision = build_engine(model, self.cfg, self.job.deepspeed,
+                                                   world_size=self.world_size, on_gpu=self.on_gpu)
+        data = self.job.data
+        data.batch.max_sentences = data.batch.max_sentences or self.cfg.micro_batch_size
+        self.batcher = build_batcher(data, self.job.objective, rank=self.rank, world_size=self.world_size,
+                                     seed=self.cfg.seed)
+        self.state = ckpt.TrainState(wandb_run_id=self.job.extra.get("wandb_run_id", ""),
+                                     config_sha256=self.job.extra.get("config_sha256", ""),
+                                     world_size=self.world_size)
+        self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=self.job.peak_flops)
+
+    def restore(self) -> None:
+        """Continue from Ray Train's latest checkpoint, if any (a restart or `resume=true`)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            state, data_states = ckpt.load(self.engine, folder, rank=self.rank)
+        same_world = state.world_size == self.world_size
+        self.batcher.load_state_dict(data_states[self.rank] if same_world else data_states)
+        self.state = ckpt.TrainState(**{**state.__dict__, "world_size": self.world_size})
+        if not same_world:
+            ckpt.seed_everything(self.cfg.seed + 1000 * self.rank + self.state.step)
+
+    # --- the loop --------------------------------------------------------------
+
+    def run(self) -> None:
+        self.build()
+        self.restore()
+        self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
+        if self.tracker:
+            self.tracker.summary({"parameters": self.model.num_parameters(), "world_size": self.world_size,
+                                  "precision": self.precision, "peak_flops": self.peak})
+        batches = self.batches()
+        timer, window = StepTimer(), Window()
+        start_step, t_start = self.state.step, time.perf_counter()
+        while self.state.step < self.cfg.max_steps:
+            loss, tokens = self.train_step(batches, timer)
+            self.state.step += 1
+            window.add(loss, tokens)
+            self.after_step(timer, window, start_step, t_start)
+        self.validate_and_log()
+        self.save_checkpoint(final=True)
+        if self.tracker:
+            self.tracker.finish()
+
+    def train_step(self, batches: Iterator[Batch], timer: StepTimer) -> tuple[float, int]:
+        """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
+        total_loss, total_tokens = 0.0, 0
+        for _ in range(self.cfg.grad_accum_steps):
+            batch = next(batches).to(self.device)
+            timer.data_ready()
+            logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
+            loss = seq2seq_loss(logits, batch.tgt_out)
+            self.engine.backward(loss)
+            self.engine.step()
+            tokens = batch.num_tokens
+            total_loss, total_tokens = total_loss + loss.item() * tokens, total_tokens + tokens
+            timer.step_done(src_tokens=int(batch.src_lengths.sum()), tgt_tokens=tokens, samples=len(batch),
+                            flops=self.train_flops(batch))
+        return total_loss / max(total_tokens, 1), total_tokens
+
+    def train_flops(self, batch: Batch) -> float:
+        counts = self.model.flops(batch.src.size(1), batch.tgt_in.size(1))
+        return counts.training(int(batch.src_lengths.sum()), batch.num_tokens)
+
+    def batches(self) -> Iterator[Batch]:
+        """This rank's batches forever, epoch after epoch; records what was consumed."""
+        loader = data_loader(self.batcher, num_workers=self.job.data.num_workers, pin_memory=self.on_gpu)
+        epoch = self.batcher.stream.epoch
+        while True:
+            self.batcher.set_epoch(epoch)
+            self.consumed = Progress()
+            for batch in loader:
+                self.consumed.update(batch.indices)
+                self.dropped += batch.num_dropped
+                self.truncated += batch.num_truncated
+                yield batch
+            epoch += 1
+
+    def after_step(self, timer: StepTimer, window: "Window", start_step: int, t_start: float) -> None:
+        step = self.state.step
+        if step % self.cfg.log_every == 0:
+            self.log_train(timer, window, start_step, t_start)
+        if self.cfg.val_every and step % self.cfg.val_every == 0 and step < self.cfg.max_steps:
+            self.validate_and_log()
+        if step % self.cfg.checkpoint_every == 0 and step < self.cfg.max_steps:
+            self.save_checkpoint(final=False)
+        self.maybe_fail()
+
+    # --- logging, validation -----------------------------------------------------
+
+    def log_train(self, timer: StepTimer, window: "Window", start_step: int, t_start: float) -> None:
+        loss, tokens = all_reduce_mean(window.loss_sum, window.tokens)
+        rates = timer.summary(world_size=self.world_size, peak_flops=self.peak)
+        self.state.tokens_seen += int(tokens)
+        window.reset()
+        if self.tracker is None:
+            return
+        metrics = {
+            "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": self.engine.get_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), **rates,
+            "epoch": self.batcher.stream.epoch, "memory_mb": rss_mb(),
+            "skipped_shards": self.batcher.stream.num_bad_shards,
+            "dropped_samples": self.dropped, "truncated_samples": self.truncated,
+        }
+        self.tracker.log(self.state.step, metrics)
+        print(progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start), flush=True)
+
+    def validate_and_log(self) -> None:
+        metrics = self.validate()
+        if self.tracker and metrics:
+            self.tracker.log(self.state.step, metrics)
+            print(f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} "
+                  f"val_ppl {metrics['val_ppl']:.2f}", flush=True)
+
+    def validate(self) -> dict[str, float]:
+        """Token-weighted loss on the `valid` split (this rank's share), reduced over ranks."""
+        try:
+            batcher = build_batcher(self.job.data, self.job.objective, rank=self.rank,
+                                    world_size=self.world_size, seed=self.cfg.seed, split="valid")
+        except (ValueError, FileNotFoundError):
+            return {}  # no validation split prepared
+        loss_sum, tokens = 0.0, 0
+        self.engine.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(batcher):
+                if i == self.cfg.val_batches:
+                    break
+                batch = batch.to(self.device)
+                logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)
+                loss_sum += seq2seq_loss(logits, batch.tgt_out).item() * batch.num_tokens
+                tokens += batch.num_tokens
+        self.engine.train()
+        loss, _ = all_reduce_mean(loss_sum, tokens)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # --- checkpoints and chaos -----------------------------------------------------
+
+    def save_checkpoint(self, *, final: bool) -> None:
+        """Every rank saves its part; Ray Train merges them into one checkpoint folder."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        self.state.rng = ckpt.capture_rng()
+        self.state.data = self.batcher.state_dict(consumed=self.consumed)
+        with tempfile.TemporaryDirectory(prefix="seqfoundry-ckpt-") as folder:
+            tag = ckpt.save(self.engine, folder, self.state, rank=self.rank)
+            metrics = {"step": self.state.step, "tag": tag, "final": final}
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=tag)
+
+    def maybe_fail(self) -> None:
+        """`chaos.fail_at_step`: SIGKILL this worker once (a marker file remembers it fired)."""
+        chaos = self.job.chaos
+        if not chaos.fail_at_step or self.state.step != chaos.fail_at_step or self.rank != chaos.fail_rank:
+            return
+        marker = Path(self.job.run_dir) / ".chaos_fired"
+        if marker.exists():
+            return
+        marker.write_text(f"killed rank {self.rank} after step {self.state.step}\n")
+        print(f"chaos: killing rank {self.rank} (pid {os.getpid()}) after step {self.state.step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Window:
+    """Token-weighted loss since the last log line."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss_sum += loss * tokens
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.loss_sum, self.tokens = 0.0, 0
+
+
+def all_reduce_mean(weighted_sum: float, weight: float) -> tuple[float, float]:
+    """(sum over ranks of weighted_sum) / (sum of weight), and the total weight."""
+    t = torch.tensor([weighted_sum, float(weight)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    total, count = t.tolist()
+    return total / max(count, 1.0), count
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def progress_line(step: int, max_steps: int, m: dict[str, float], start_step: int, t_start: float) -> str:
+    elapsed = time.perf_counter() - t_start
+    left = elapsed / max(step - start_step, 1) * (max_steps - step)
+    return (f"step {step}/{max_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+            f"tok/s {m['tokens_per_s']:,.0f} mfu {m['mfu']:.1%} eta {left:,.0f}s")
