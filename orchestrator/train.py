@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data_pipeline import Manifest
+from trainers.engine import check_zero3
 from trainers.export import export_package
 from trainers.models import ModelConfig
 from trainers.package import Lineage, PackageError, check_compatible, read_model_config, sha256_file
@@ -56,11 +59,25 @@ def train(job: JobConfig, *, mode: str) -> int:
     plan = preflight(job, mode=mode)
     run_info = open_run_dir(job, plan)
     t0 = time.perf_counter()
-    with ray_session(job.cluster):
-        fit(job, plan, run_info)
+    try:
+        with ray_session(job.cluster):
+            fit(job, plan, run_info)
+    except Exception as err:  # a failure after Ray Train's retries: one line, checkpoints kept
+        if not type(err).__module__.startswith("ray"):
+            raise
+        print(f"seqfoundry {mode}: error: training failed after {job.trainer.max_failures} restarts: "
+              f"{failure_summary(err)} (checkpoints kept in {plan.storage_path}/{CHECKPOINTS})", file=sys.stderr)
+        return 1
     package = write_final_package(plan, run_info)
     print(f"{mode}: done in {time.perf_counter() - t0:.0f}s; model package {package}")
     return 0
+
+
+def failure_summary(err: BaseException) -> str:
+    """The root exception line of a Ray Train worker failure."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)]
+    return (errors or lines or [type(err).__name__])[-1][:300]
 
 
 # --- preflight ------------------------------------------------------------------
@@ -76,9 +93,10 @@ def preflight(job: JobConfig, *, mode: str) -> Plan:
                           f"{manifest.tokenizer_path} (set model.vocab_size={manifest.vocab_size})")
     check_fields(job, manifest, mode)
     check_resources(job)
-    if job.deepspeed.zero_stage == 3 and model.arch != "transformer" and not job.deepspeed.allow_rnn_zero3:
-        raise ConfigError(f"deepspeed.zero_stage: ZeRO-3 is refused for model.arch={model.arch}: partitioned "
-                          "RNN weights break nn.LSTM/GRU's flat-weight cache; use deepspeed.zero_stage<=2")
+    try:
+        check_zero3(model.arch, job.deepspeed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     run_dir = Path(job.run.dir).resolve()
     storage = job.cluster.storage_path or str(run_dir)
     has_ckpt = any((Path(storage) / CHECKPOINTS).glob("step_*")) if "://" not in storage else job.resume

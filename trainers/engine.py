@@ -80,21 +80,21 @@ def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig) -> torch.opt
     return torch.optim.AdamW(groups, lr=trainer.lr, betas=tuple(trainer.betas), eps=1e-8)
 
 
-def check_zero3(model: Seq2SeqModel, ds: DeepSpeedConfig) -> None:
-    """Refuse ZeRO-3 for LSTM/GRU models unless explicitly allowed.
+def check_zero3(arch: str, ds: DeepSpeedConfig) -> None:
+    """Refuse ZeRO-3 for LSTM/GRU models unless explicitly allowed (ValueError).
 
     ZeRO-3 partitions every parameter and gathers it in a forward pre-hook of
     the module that owns it.  `nn.LSTM`/`nn.GRU` read their weights through a
     cached list of flat weights (and cuDNN through one contiguous buffer made
-    by `flatten_parameters`), so a partitioned RNN reads empty tensors or pays
-    a full re-flatten every step; and the decoder's step loop calls the same
-    cells once per target token, re-gathering them each time.
+    by `flatten_parameters`), which partitioning swaps out underneath them:
+    on the CPU the worker process crashes in the first forward (seen with
+    DeepSpeed 0.19), and the decoder's step loop would re-gather the same
+    cells once per target token anyway.
     """
-    if ds.zero_stage == 3 and model.config.arch in ("lstm", "gru") and not ds.allow_rnn_zero3:
+    if ds.zero_stage == 3 and arch in ("lstm", "gru") and not ds.allow_rnn_zero3:
         raise ValueError(
-            f"deepspeed.zero_stage: ZeRO-3 is refused for model.arch={model.config.arch}: partitioned RNN "
-            "weights break nn.LSTM/GRU's flat-weight cache; use zero_stage<=2 (set "
-            "deepspeed.allow_rnn_zero3=true to try anyway)")
+            f"deepspeed.zero_stage: ZeRO-3 is refused for model.arch={arch}: partitioned RNN weights break "
+            "nn.LSTM/GRU's flat-weight cache (the worker crashes); use deepspeed.zero_stage<=2")
 
 
 def build_engine(model: Seq2SeqModel, trainer: TrainerConfig, ds: DeepSpeedConfig, *,
@@ -102,7 +102,7 @@ def build_engine(model: Seq2SeqModel, trainer: TrainerConfig, ds: DeepSpeedConfi
     """Wrap a finished model with DeepSpeed: returns (engine, precision)."""
     import deepspeed  # imported here so that model code and tests never need it
 
-    check_zero3(model, ds)
+    check_zero3(model.config.arch, ds)
     precision = resolve_precision(trainer, on_gpu=on_gpu)
     optimizer = build_optimizer(model, trainer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer))

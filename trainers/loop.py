@@ -77,6 +77,7 @@ class Worker:
         ckpt.seed_everything(self.cfg.seed)  # identical initial weights on every rank
         model = load_package(self.job.pretrained) if self.job.pretrained else build_model(self.job.model)
         self.model: Seq2SeqModel = model.train()
+        self.num_parameters = model.num_parameters()  # before ZeRO-3 partitions the weights
         ckpt.seed_everything(self.cfg.seed + 1000 * self.rank)  # distinct dropout per rank
         self.engine, self.precision = build_engine(model, self.cfg, self.job.deepspeed,
                                                    world_size=self.world_size, on_gpu=self.on_gpu)
@@ -111,7 +112,7 @@ class Worker:
         self.restore()
         self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
         if self.tracker:
-            self.tracker.summary({"parameters": self.model.num_parameters(), "world_size": self.world_size,
+            self.tracker.summary({"parameters": self.num_parameters, "world_size": self.world_size,
                                   "precision": self.precision, "peak_flops": self.peak})
         batches = self.batches()
         timer, window = StepTimer(), Window()

@@ -398,7 +398,7 @@ class TransformerSeq2Seq(Seq2SeqModel):
 # ----------------------------------------------------------------------------
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = PAD_ID, chunk_size: int = 1024) -> torch.Tensor:
+                         ignore_index: int = PAD_ID, chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `F.linear(hidden, weight)` against labels, chunked.
 
     hidden (N, D), weight (V, D), labels (N,) -> float32 scalar.  Rows labelled
@@ -408,8 +408,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     so neither the (N, V) logits nor their gradient are ever held in memory;
     the matmuls are the same three as an unfused projection + loss.  The
     log-softmax runs in float32; the weight gradient accumulates in the
-    weight's dtype.
+    weight's dtype.  `chunk_size` rows per chunk: by default 256 on the CPU
+    (a (256, V) block stays cache-friendly; measured fastest at V=8000) and
+    4096 on accelerators (large matmuls).
     """
+    if chunk_size is None:
+        chunk_size = 256 if hidden.device.type == "cpu" else 4096
     valid = labels != ignore_index  # (N,)
     n_valid = int(valid.sum())
     if n_valid < labels.numel():

@@ -1,0 +1,211 @@
+"""Pretrain and fine-tune through the real CLI: a real local Ray cluster, real
+DeepSpeed engines on the CPU (gloo), W&B offline and read back."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_pipeline import prepare
+from orchestrator.cli import main
+from orchestrator.config import compose_config, to_typed
+from trainers.models import ModelConfig, build_model
+from trainers.package import Lineage, load_package, write_package
+from tests.helpers.wandb_offline import history, run_ids
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def prepare_data(folder: Path, *overrides: str) -> Path:
+    job = to_typed(compose_config(["experiment=tiny", f"data.dir={folder}", *overrides]))
+    prepare(job.data, progress=False, use_ray=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return prepare_data(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reverse_pairs(tmp_path_factory) -> Path:
+    """A learnable toy task: reverse a short sequence of words."""
+    root = tmp_path_factory.mktemp("pairs")
+    rng = random.Random(0)
+    words = "red green blue cat dog fish one two three four five six".split()
+    with open(root / "reverse.jsonl", "w") as f:
+        for _ in range(600):
+            seq = [rng.choice(words) for _ in range(rng.randint(3, 6))]
+            f.write(json.dumps({"src": " ".join(seq), "tgt": " ".join(reversed(seq))}) + "\n")
+    return prepare_data(root / "data", "data.task=pairs", f"data.sources=[{root / 'reverse.jsonl'}]",
+                        "data.max_documents=0")
+
+
+def base(data: Path, run: Path, *extra: str) -> list[str]:
+    return ["experiment=tiny", f"data.dir={data}", f"run.dir={run}", "trainer.num_workers=2",
+            "trainer.max_steps=3", "trainer.log_every=1", "trainer.checkpoint_every=100",
+            "trainer.warmup_steps=1", "data.num_workers=0", *extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(package: Path) -> dict[str, torch.Tensor]:
+    return load_file(package / "model.safetensors")
+
+
+# --- every architecture x ZeRO stage --------------------------------------------------
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("arch", ["transformer", "lstm", "gru"])
+def test_arch_by_zero_stage_trains_or_is_refused(arch, zero, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["pretrain", *base(tiny_data, run, f"model={arch}", f"deepspeed.zero_stage={zero}")])
+    if arch != "transformer" and zero == 3:
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "deepspeed.zero_stage" in err[0] and "ZeRO-3 is refused" in err[0]
+        assert not run.exists()  # refused before anything was written or requested
+        return
+    assert code == 0
+    rows = [m for m in metrics(run) if "loss" in m]
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    for m in rows:
+        assert m["loss"] > 0 and m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and "grad_norm" in m
+    model = load_package(run / "model")
+    assert model.config.arch == arch
+    assert json.loads((run / "model" / "lineage.json").read_text())["step"] == 3
+
+
+# --- learning, fine-tuning ---------------------------------------------------------------
+
+def test_loss_falls_on_a_learnable_task(reverse_pairs, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", *base(reverse_pairs, run, "objective=pairs", "trainer.max_steps=60",
+                                   "trainer.lr=3e-3", "trainer.warmup_steps=5", "trainer.log_every=5",
+                                   "trainer.val_every=30")]) == 0
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert losses[-1] < 0.4 * losses[0], losses
+    assert any("val_loss" in m for m in metrics(run))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    assert main(["pretrain", *base(tiny_data, run, "trainer.max_steps=4")]) == 0
+    return run / "model"
+
+
+def test_finetune_starts_from_the_package_weights(pretrained, tiny_data, tmp_path):
+    run = tmp_path / "ft"
+    code = main(["finetune", *base(tiny_data, run, f"pretrained={pretrained}", "trainer.max_steps=1",
+                                   "trainer.lr=1e-12", "trainer.weight_decay=0", "trainer.warmup_steps=0")])
+    assert code == 0
+    before, after = weights(pretrained), weights(run / "model")
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
+    fresh = build_model(load_package(pretrained).config).state_dict()
+    assert any(not torch.allclose(fresh[k], before[k]) for k in before if k in fresh)
+    lineage = json.loads((run / "model" / "lineage.json").read_text())
+    assert Path(lineage["parent_package"]) == pretrained.resolve() and lineage["parent_sha256"]
+
+
+# --- resume ------------------------------------------------------------------------------
+
+def test_kill_and_resume_equals_the_uninterrupted_run_bitwise(tiny_data, tmp_path):
+    common = ["trainer.max_steps=8", "trainer.checkpoint_every=3", "model.dropout=0.1", "trainer.log_every=1"]
+    assert main(["pretrain", *base(tiny_data, tmp_path / "clean", *common)]) == 0
+    killed = tmp_path / "killed"
+    assert main(["pretrain", *base(tiny_data, killed, *common, "chaos.fail_at_step=5",
+                                   "chaos.fail_rank=1")]) == 0
+    assert (killed / ".chaos_fired").exists()  # a worker really died after step 5
+    a, b = weights(tmp_path / "clean" / "model"), weights(killed / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # one history in metrics.jsonl, one W&B run id across both processes
+    steps = [m["step"] for m in metrics(killed) if "loss" in m]
+    assert steps == list(range(1, 9))
+    run_id = json.loads((killed / "run.json").read_text())["wandb_run_id"]
+    assert run_ids(killed) == {run_id}
+    logged = [row for row in history(killed) if "loss" in row]
+    assert {row["_step"] for row in logged} >= {1, 5, 8}
+    assert json.loads((killed / "model" / "lineage.json").read_text())["wandb_run_id"] == run_id
+
+
+def test_resume_on_another_world_size_and_back(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", *base(tiny_data, run, "trainer.max_steps=4")]) == 0
+    assert main(["pretrain", *base(tiny_data, run, "resume=true", "trainer.max_steps=6",
+                                   "trainer.num_workers=1")]) == 0
+    assert json.loads((run / "model" / "lineage.json").read_text())["step"] == 6
+    assert main(["pretrain", *base(tiny_data, run, "resume=true", "trainer.max_steps=8")]) == 0
+    assert json.loads((run / "model" / "lineage.json").read_text())["step"] == 8
+    assert [m["step"] for m in metrics(run) if "loss" in m] == list(range(1, 9))
+    assert len(run_ids(run)) == 1
+
+
+# --- clear failures, before any Ray resource --------------------------------------------
+
+def one_line_error(capsys, args: list[str]) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("deepspeed.zero_stage=5", "deepspeed.zero_stage"),
+    ("trainer.global_batch_size=7", "trainer.global_batch_size"),
+    ("model.vocab_size=600", "model.vocab_size: 600 != 512"),
+    ("trainer.num_workers=3", "trainer.num_workers"),
+    ("resume=true", "resume:"),
+    ("deepspeed.offload_params=true", "deepspeed.offload_params"),
+])
+def test_bad_config_fails_in_one_line(override, needle, tiny_data, tmp_path, capsys):
+    assert needle in one_line_error(capsys, ["pretrain", *base(tiny_data, tmp_path / "r", override)])
+
+
+def test_missing_data_folder_names_the_key(tmp_path, capsys):
+    line = one_line_error(capsys, ["pretrain", *base(tmp_path / "nope", tmp_path / "r")])
+    assert "data.dir" in line and "seqfoundry prepare" in line
+
+
+def test_an_existing_run_is_not_overwritten(pretrained, tiny_data, capsys):
+    run = pretrained.parent
+    before = (run / "metrics.jsonl").read_text()
+    line = one_line_error(capsys, ["pretrain", *base(tiny_data, run)])
+    assert "run.dir" in line and "resume=true" in line
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_incompatible_packages_are_refused(tiny_data, tmp_path, capsys):
+    other_vocab = build_model(ModelConfig(vocab_size=600, d_model=16, num_encoder_layers=1, num_decoder_layers=1,
+                                          num_heads=2, ffn_dim=32))
+    write_package(tmp_path / "p600", other_vocab, tokenizer=tiny_data / "tokenizer.json", lineage=Lineage())
+    line = one_line_error(capsys, ["finetune", *base(tiny_data, tmp_path / "r", f"pretrained={tmp_path / 'p600'}")])
+    assert "vocab_size 600 != data tokenizer's 512" in line
+
+    same_vocab = build_model(ModelConfig(vocab_size=512, d_model=16, num_encoder_layers=1, num_decoder_layers=1,
+                                         num_heads=2, ffn_dim=32))
+    foreign = tmp_path / "foreign_tokenizer.json"
+    tok = json.loads((tiny_data / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = dict(reversed(list(tok["model"]["vocab"].items())))
+    foreign.write_text(json.dumps(tok))
+    write_package(tmp_path / "pforeign", same_vocab, tokenizer=foreign, lineage=Lineage())
+    line = one_line_error(capsys, ["finetune", *base(tiny_data, tmp_path / "r", f"pretrained={tmp_path / 'pforeign'}")])
+    assert "tokenizer.json" in line and "differs from the data's tokenizer" in line
