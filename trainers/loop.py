@@ -28,7 +28,6 @@ from .engine import build_engine
 from .models import ModelConfig, Seq2SeqModel, build_model
 from .package import load_package
 from .throughput import StepTimer, device_peak_flops
-from .loss import seq2seq_loss
 
 
 @dataclass
@@ -133,8 +132,7 @@ class Worker:
         for _ in range(self.cfg.grad_accum_steps):
             batch = next(batches).to(self.device)
             timer.data_ready()
-            logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
-            loss = seq2seq_loss(logits, batch.tgt_out)
+            loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out)
             self.engine.backward(loss)
             self.engine.step()
             tokens = batch.num_tokens
@@ -211,8 +209,8 @@ class Worker:
                 if i == self.cfg.val_batches:
                     break
                 batch = batch.to(self.device)
-                logits = self.engine(batch.src, batch.src_lengths, batch.tgt_in)
-                loss_sum += seq2seq_loss(logits, batch.tgt_out).item() * batch.num_tokens
+                loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out)
+                loss_sum += loss.item() * batch.num_tokens
                 tokens += batch.num_tokens
         self.engine.train()
         loss, _ = all_reduce_mean(loss_sum, tokens)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import seq2seq_loss
 from .models import BOS_ID, EOS_ID, PAD_ID, Seq2SeqModel
 
 FIRST_TOKEN = 4  # after pad, bos, eos, unk
@@ -60,7 +59,7 @@ def train_toy(model: Seq2SeqModel, *, task: str, steps: int, batch_size: int = 6
     losses = []
     for _ in range(steps):
         b = toy_batch(task, batch_size, alphabet=alphabet, min_len=min_len, max_len=max_len, generator=gen)
-        loss = seq2seq_loss(model(b.src, b.src_lengths, b.tgt_in), b.tgt_out)
+        loss = model(b.src, b.src_lengths, b.tgt_in, labels=b.tgt_out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

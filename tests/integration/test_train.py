@@ -40,16 +40,16 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reverse_pairs(tmp_path_factory) -> Path:
-    """A learnable toy task: reverse a short sequence of words."""
+def copy_pairs(tmp_path_factory) -> Path:
+    """A learnable toy task: copy a short sequence of words."""
     root = tmp_path_factory.mktemp("pairs")
     rng = random.Random(0)
     words = "red green blue cat dog fish one two three four five six".split()
-    with open(root / "reverse.jsonl", "w") as f:
+    with open(root / 'copy.jsonl', "w") as f:
         for _ in range(600):
             seq = [rng.choice(words) for _ in range(rng.randint(3, 6))]
-            f.write(json.dumps({"src": " ".join(seq), "tgt": " ".join(reversed(seq))}) + "\n")
-    return prepare_data(root / "data", "data.task=pairs", f"data.sources=[{root / 'reverse.jsonl'}]",
+            f.write(json.dumps({"src": " ".join(seq), "tgt": " ".join(seq)}) + "\n")
+    return prepare_data(root / "data", "data.task=pairs", f"data.sources=[{root / 'copy.jsonl'}]",
                         "data.max_documents=0")
 
 
@@ -92,13 +92,15 @@ def test_arch_by_zero_stage_trains_or_is_refused(arch, zero, tiny_data, tmp_path
 
 # --- learning, fine-tuning ---------------------------------------------------------------
 
-def test_loss_falls_on_a_learnable_task(reverse_pairs, tmp_path):
+def test_loss_falls_on_a_learnable_task(copy_pairs, tmp_path):
     run = tmp_path / "run"
-    assert main(["pretrain", *base(reverse_pairs, run, "objective=pairs", "trainer.max_steps=60",
+    vocab = json.loads((copy_pairs / "manifest.json").read_text())["vocab_size"]  # BPE stops early here
+    assert main(["pretrain", *base(copy_pairs, run, "objective=pairs", "trainer.max_steps=200", "trainer.micro_batch_size=64",
+                                   f"model.vocab_size={vocab}",
                                    "trainer.lr=3e-3", "trainer.warmup_steps=5", "trainer.log_every=5",
-                                   "trainer.val_every=30")]) == 0
+                                   "trainer.val_every=100")]) == 0
     losses = [m["loss"] for m in metrics(run) if "loss" in m]
-    assert losses[-1] < 0.4 * losses[0], losses
+    assert losses[-1] < 0.35 * losses[0], losses  # 5.5 -> ~1.6 in 200 steps of a 64-wide model
     assert any("val_loss" in m for m in metrics(run))
 
 

@@ -113,7 +113,7 @@ class ScriptedModel(Seq2SeqModel):
         rest = (1.0 - sum(given.values())) / (self.vocab_size - len(given))
         return torch.tensor([given.get(t, rest) for t in range(self.vocab_size)]).log()
 
-    def forward(self, src, src_lengths, tgt_in):
+    def forward(self, src, src_lengths, tgt_in, labels=None):
         return torch.stack([torch.stack([self.logp(tuple(row[1:i + 1])) for i in range(len(row))])
                             for row in tgt_in.tolist()])
 
@@ -133,6 +133,11 @@ class ScriptedModel(Seq2SeqModel):
 
     def flops(self, src_len, tgt_len):
         raise NotImplementedError
+
+    def hidden_states(self, src, src_lengths, tgt_in):
+        raise NotImplementedError  # forward is overridden: log-probs come from the script
+
+    output_weight = None
 
 
 # eos is likeliest first (p .5) but 4 (p .45) is then followed by eos with p .99

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainers.models import ModelConfig, build_model
-from trainers.models.transformer import CACHE_CAPACITY, Dropout, TransformerSeq2Seq, linear_cross_entropy
+from trainers.models.losses import linear_cross_entropy
+from trainers.models.transformer import CACHE_CAPACITY, Dropout, TransformerSeq2Seq
 
 V, D, H, FFN = 50, 32, 4, 64
 ATOL = 1e-5
@@ -192,9 +193,9 @@ def test_fused_loss_matches_cross_entropy(chunk_size):
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(model.loss(src, lens, tgt_in, labels), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(src, lens, tgt_in, labels=labels), ref, atol=1e-6, rtol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(model.loss(src, lens, tgt_in, labels), ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(src, lens, tgt_in, labels=labels), ref, atol=1e-6, rtol=1e-6)
 
 
 def test_cpu_dropout_is_inverted_bernoulli():
@@ -280,10 +281,11 @@ def test_flops_scale_with_length():
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_layer_parity_with_torch(norm_first):
-    model = tiny(norm_first=norm_first, dropout=0.0)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_encoder_layer_parity_with_torch(norm_first, activation):
+    model = tiny(norm_first=norm_first, dropout=0.0, activation=activation)
     ours = model.encoder[0]
-    ref = nn.TransformerEncoderLayer(D, H, FFN, dropout=0.0, activation="gelu",
+    ref = nn.TransformerEncoderLayer(D, H, FFN, dropout=0.0, activation=activation,
                                      batch_first=True, norm_first=norm_first)
     with torch.no_grad():
         ref.self_attn.in_proj_weight.copy_(ours.attn.qkv.weight)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PAD_ID, ModelConfig
+from .losses import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,29 @@ class Seq2SeqModel(nn.Module, ABC):
 
     config: ModelConfig
 
-    @abstractmethod
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits.
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits, or the training loss when `labels` are given.
 
         src (B, S) long, right-padded with 0; src_lengths (B,) long;
         tgt_in (B, T) long, starting with bos, right-padded with 0.
-        Returns logits (B, T, V).
+        Returns logits (B, T, V); with labels (B, T) (target + eos, pad 0) the
+        mean token cross-entropy instead, fused with the tied output
+        projection so that the (B, T, V) logits are never materialised.
         """
+        hidden = self.hidden_states(src, src_lengths, tgt_in)  # (B, T, D)
+        if labels is None:
+            return F.linear(hidden, self.output_weight)  # (B, T, V)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.output_weight, labels.flatten())
+
+    @abstractmethod
+    def hidden_states(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced final decoder states (B, T, D), before the tied output projection."""
+
+    @property
+    @abstractmethod
+    def output_weight(self) -> torch.Tensor:
+        """(V, D) weight of the output projection (the shared embedding)."""
 
     @abstractmethod
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Any:

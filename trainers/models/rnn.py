@@ -181,7 +181,8 @@ class RNNSeq2Seq(Seq2SeqModel):
             self.embed.weight[PAD_ID].zero_()
 
     # --- training ------------------------------------------------------------
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """src (B, S), src_lengths (B,), tgt_in (B, T) -> attentional vectors h~ (B, T, d)."""
         state = self.init_state(self.encode(src, src_lengths))
         emb = self.dropout(self.embed(tgt_in))  # (B, T, d)
         if not self.config.input_feeding:
@@ -192,7 +193,11 @@ class RNNSeq2Seq(Seq2SeqModel):
                 att_t, state = self.decoder(emb[:, t:t + 1], state)  # (B, 1, d)
                 steps.append(att_t)
             att = torch.cat(steps, dim=1)  # (B, T, d)
-        return self.output(att)
+        return att
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight
 
     def output(self, att: torch.Tensor) -> torch.Tensor:
         """(..., d) attentional vectors -> (..., V) logits through the tied embedding."""

@@ -22,9 +22,9 @@ Incremental decoding (see `base.py` for the source-group layout):
   is one contiguous block).  Because `step` writes in place, a state must not
   be stepped twice; branch it with `reorder_state` first.
 
-Training: `loss()` fuses the tied output projection with the cross-entropy
-(`linear_cross_entropy`, chunked, never materialising the (B, T, V) logits),
-and on the CPU dropout draws its mask with `torch.rand` (see `Dropout`).
+Training: `forward(..., labels=)` (in base.py) fuses the tied output
+projection with the cross-entropy (`losses.linear_cross_entropy`, chunked,
+never materialising the (B, T, V) logits), and on the CPU dropout draws its mask with `torch.rand` (see `Dropout`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FlopCount, Seq2SeqModel
-from .config import PAD_ID, ModelConfig
+from .config import ModelConfig
 
 
 CACHE_CAPACITY = 32
@@ -315,18 +315,13 @@ class TransformerSeq2Seq(Seq2SeqModel):
             x = layer(x, layer.cross_attn.memory_kv(encoded.memory), encoded.attn_mask)
         return self.dec_norm(x)
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """src (B, S), src_lengths (B,), tgt_in (B, T) -> logits (B, T, V)."""
-        return F.linear(self.decode_hidden(tgt_in, self.encode(src, src_lengths)), self.embed.weight)
+    def hidden_states(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """src (B, S), src_lengths (B,), tgt_in (B, T) -> final decoder states (B, T, D)."""
+        return self.decode_hidden(tgt_in, self.encode(src, src_lengths))
 
-    def loss(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
-             labels: torch.Tensor, ignore_index: int = PAD_ID) -> torch.Tensor:
-        """Mean token cross-entropy of labels (B, T) -- the value of
-        `F.cross_entropy(self(src, src_lengths, tgt_in).flatten(0, 1), labels.flatten(),
-        ignore_index=ignore_index)` -- without materialising the (B, T, V) logits."""
-        hidden = self.decode_hidden(tgt_in, self.encode(src, src_lengths))  # (B, T, D)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.embed.weight, labels.flatten(),
-                                    ignore_index=ignore_index)
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight
 
     # --- incremental decoding -------------------------------------------------
 
@@ -397,68 +392,6 @@ class TransformerSeq2Seq(Seq2SeqModel):
 # Fused output projection + cross-entropy
 # ----------------------------------------------------------------------------
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = PAD_ID, chunk_size: int | None = None) -> torch.Tensor:
-    """Mean cross-entropy of `F.linear(hidden, weight)` against labels, chunked.
-
-    hidden (N, D), weight (V, D), labels (N,) -> float32 scalar.  Rows labelled
-    `ignore_index` are dropped before the projection (no logits are computed
-    for padding).  With gradients enabled the gradients of hidden and weight
-    are computed in the same pass over each chunk of rows (softmax - onehot),
-    so neither the (N, V) logits nor their gradient are ever held in memory;
-    the matmuls are the same three as an unfused projection + loss.  The
-    log-softmax runs in float32; the weight gradient accumulates in the
-    weight's dtype.  `chunk_size` rows per chunk: by default 256 on the CPU
-    (a (256, V) block stays cache-friendly; measured fastest at V=8000) and
-    4096 on accelerators (large matmuls).
-    """
-    if chunk_size is None:
-        chunk_size = 256 if hidden.device.type == "cpu" else 4096
-    valid = labels != ignore_index  # (N,)
-    n_valid = int(valid.sum())
-    if n_valid < labels.numel():
-        hidden, labels = hidden[valid], labels[valid]  # (n_valid, D), (n_valid,)
-    if n_valid == 0:
-        return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()  # nan-free zero that keeps the graph
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
-    return _chunked_nll(hidden, weight, labels, chunk_size, grads=None) / n_valid
-
-
-def _chunked_nll(hidden, weight, labels, chunk_size, grads):
-    """Summed NLL over row chunks; fills `grads` = (grad_hidden, grad_weight) of the
-    summed NLL when given."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.size(0), chunk_size):
-        h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]  # (c, D), (c,)
-        logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # (c, V)
-        total -= logp.gather(1, y[:, None]).sum()
-        if grads is not None:
-            grad_logits = logp.exp_()  # softmax (c, V), in place
-            grad_logits[torch.arange(y.numel(), device=y.device), y] -= 1.0
-            grad_logits = grad_logits.to(weight.dtype)
-            torch.mm(grad_logits, weight, out=grads[0][start:start + chunk_size])  # (c, D)
-            grads[1].addmm_(grad_logits.T, h)  # (V, D)
-    return total
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
-        grads = (torch.empty_like(hidden), torch.zeros_like(weight))
-        with torch.no_grad():
-            loss = _chunked_nll(hidden, weight, labels, chunk_size, grads) / labels.numel()
-        ctx.save_for_backward(*grads)
-        ctx.n = labels.numel()
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output / ctx.n
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None, None
-
-
 def _resized(cache: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:
     """A cache buffer (2, N, capacity, H, hd) holding the first `filled` positions of `cache`."""
     two, N, _, H, hd = cache.shape
@@ -482,4 +415,4 @@ def _is_identity(indices: torch.Tensor, size: int) -> bool:
         torch.equal(indices, torch.arange(size, device=indices.device)))
 
 
-__all__ = ["TransformerSeq2Seq", "EncoderOutput", "DecoderState", "linear_cross_entropy", "sinusoidal_table"]
+__all__ = ["TransformerSeq2Seq", "EncoderOutput", "DecoderState", "sinusoidal_table"]
