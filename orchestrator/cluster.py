@@ -21,7 +21,12 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # workers inherit it; GPU workers override it
-    kwargs = {"address": cluster.address} if cluster.address else {"num_cpus": cluster.num_cpus or None}
+    if cluster.address:
+        kwargs = {"address": cluster.address}
+    elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job (seqfoundry submit): the job's cluster
+        kwargs = {}
+    else:  # a fresh local cluster, never one that `ray start` left running on this machine
+        kwargs = {"address": "local", "num_cpus": cluster.num_cpus or None}
     ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=True,
              logging_level="WARNING", runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}})
     try:

@@ -179,7 +179,12 @@ def open_run_dir(job: JobConfig, plan: Plan) -> dict:
 
 # --- Ray Train -----------------------------------------------------------------------
 
-def fit(job: JobConfig, plan: Plan, run_info: dict) -> None:
+def fit(job: JobConfig, plan: Plan, run_info: dict, *, callbacks: tuple = (), on_checkpoint=None) -> None:
+    """Run the TorchTrainer to `trainer.max_steps` (restoring from the run's storage if it has a checkpoint).
+
+    `callbacks` go to Ray Train's RunConfig (e.g. Ray Tune's report callback);
+    `on_checkpoint(step=, path=)` is called by rank 0 after each checkpoint.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -190,6 +195,7 @@ def fit(job: JobConfig, plan: Plan, run_info: dict) -> None:
         model=plan.model, trainer=t, deepspeed=job.deepspeed, data=job.data, objective=job.objective,
         chaos=job.chaos, run_dir=str(plan.run_dir), pretrained=plan.pretrained,
         make_tracker=TrackerFactory(job, plan, run_info),
+        checkpoint_root=f"{plan.storage_path}/{CHECKPOINTS}", on_checkpoint=on_checkpoint,
         extra={"wandb_run_id": run_info["wandb_run_id"], "config_sha256": plan.config_sha256})
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"job": worker_job},
@@ -197,7 +203,8 @@ def fit(job: JobConfig, plan: Plan, run_info: dict) -> None:
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=CHECKPOINTS, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
+                             callbacks=list(callbacks)))
     trainer.fit()
 
 

@@ -10,6 +10,8 @@ them into one checkpoint folder in the run's storage.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np
@@ -69,31 +71,54 @@ def save(engine, folder: str | Path, state: TrainState, *, rank: int) -> str:
     return tag
 
 
-def load(engine, folder: str | Path, *, rank: int) -> tuple[TrainState, list[dict]]:
+def load(engine, folder: str | Path, *, rank: int, universal: Path | None = None) -> tuple[TrainState, list[dict]]:
     """Restore the engine from a checkpoint folder (collective) and read the TrainStates.
 
     Returns this rank's TrainState (rank 0's when this rank did not exist at
     save time) and the data states of every saved rank, for the data pipeline
     to continue from the global cursor on any world size.  RNG states are
-    restored only when the world size is unchanged.  On another world size,
-    DeepSpeed re-splits the ZeRO optimizer partitions (stages 1-2 merge all
-    saved partitions; stage 0 keeps a full copy on every rank).
+    restored only when the world size is unchanged.  `universal` is the
+    folder of a universal-format copy (`to_universal`), loaded instead when
+    the ZeRO partitioning changed (the engine was built with load_universal).
     """
     tag = latest_tag(folder)
     if tag is None:
         raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint ('latest' file missing)")
-    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True,
+    path, _ = engine.load_checkpoint(str(universal or folder), tag=tag, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"{Path(folder) / tag}: DeepSpeed could not load this checkpoint")
-    files = sorted(Path(folder, tag).glob("train_state_rank*.pt"), key=lambda p: int(p.stem[16:]))
-    states = [TrainState(**torch.load(f, weights_only=False)) for f in files]
-    if not states:
-        raise FileNotFoundError(f"{Path(folder) / tag}: no train_state_rank*.pt files")
+    states = [TrainState(**torch.load(f, weights_only=False)) for f in state_files(folder, tag)]
     mine = states[rank] if rank < len(states) else states[0]
-    if len(states) == engine.world_size() if callable(getattr(engine, "world_size", None)) else False:
+    if len(states) == engine.world_size:
         restore_rng(mine.rng)
     return mine, [s.data for s in states]
+
+
+def state_files(folder: str | Path, tag: str) -> list[Path]:
+    files = sorted(Path(folder, tag).glob("train_state_rank*.pt"), key=lambda p: int(p.stem[16:]))
+    if not files:
+        raise FileNotFoundError(f"{Path(folder) / tag}: no train_state_rank*.pt files")
+    return files
+
+
+def saved_world_size(folder: str | Path) -> int:
+    """How many ranks saved the checkpoint in `folder`."""
+    tag = latest_tag(folder)
+    return len(state_files(folder, tag)) if tag else 0
+
+
+def to_universal(folder: str | Path, out: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (re-partitionable on any world size)."""
+    tag = latest_tag(folder)
+    if (out / f"latest_universal").is_file():
+        return out
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                    str(Path(folder) / tag), "--output_folder", str(out / tag), "--inject_missing_state",
+                    "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                   check=True, stdout=subprocess.DEVNULL)
+    (out / "latest").write_text(tag)
+    return out
 
 
 def latest_tag(folder: str | Path) -> str | None:

@@ -27,7 +27,7 @@ def resolve_precision(trainer: TrainerConfig, *, on_gpu: bool) -> str:
 
 
 def deepspeed_config(trainer: TrainerConfig, ds: DeepSpeedConfig, *, world_size: int,
-                     precision: str) -> dict[str, Any]:
+                     precision: str, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON config for this job (batch triple, ZeRO, precision, clipping)."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -45,6 +45,8 @@ def deepspeed_config(trainer: TrainerConfig, ds: DeepSpeedConfig, *, world_size:
         "steps_per_print": 10**9,  # our logger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming a checkpoint saved on another world size
+        config["checkpoint"] = {"load_universal": True}
     if ds.offload_optimizer:
         config["zero_force_ds_cpu_optimizer"] = False  # keep torch's AdamW on the CPU too
     if precision == "bf16":
@@ -98,7 +100,7 @@ def check_zero3(arch: str, ds: DeepSpeedConfig) -> None:
 
 
 def build_engine(model: Seq2SeqModel, trainer: TrainerConfig, ds: DeepSpeedConfig, *,
-                 world_size: int, on_gpu: bool):
+                 world_size: int, on_gpu: bool, load_universal: bool = False):
     """Wrap a finished model with DeepSpeed: returns (engine, precision)."""
     import deepspeed  # imported here so that model code and tests never need it
 
@@ -108,5 +110,6 @@ def build_engine(model: Seq2SeqModel, trainer: TrainerConfig, ds: DeepSpeedConfi
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(trainer, ds, world_size=world_size, precision=precision))
+        config=deepspeed_config(trainer, ds, world_size=world_size, precision=precision,
+                                load_universal=load_universal))
     return engine, precision

@@ -8,6 +8,7 @@ the Ray Train context) and in rank 0's tracker; nothing else asks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -47,6 +48,10 @@ class WorkerJob:
     """Device peak FLOP/s for MFU; 0 = look it up (GPU) or measure it (CPU)."""
     make_tracker: Callable[..., Any] | None = None
     """Rank 0 calls make_tracker(resume_from_step=...) to get an object with log/summary/finish."""
+    checkpoint_root: str = ""
+    """Where Ray Train persists the checkpoints (<storage>/checkpoints)."""
+    on_checkpoint: Callable[..., Any] | None = None
+    """Rank 0 calls on_checkpoint(step=, path=) after each checkpoint is persisted (must not block)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -72,14 +77,14 @@ class Worker:
 
     # --- setup ---------------------------------------------------------------
 
-    def build(self) -> None:
+    def build(self, *, load_universal: bool = False) -> None:
         ckpt.seed_everything(self.cfg.seed)  # identical initial weights on every rank
         model = load_package(self.job.pretrained) if self.job.pretrained else build_model(self.job.model)
         self.model: Seq2SeqModel = model.train()
         self.num_parameters = model.num_parameters()  # before ZeRO-3 partitions the weights
         ckpt.seed_everything(self.cfg.seed + 1000 * self.rank)  # distinct dropout per rank
-        self.engine, self.precision = build_engine(model, self.cfg, self.job.deepspeed,
-                                                   world_size=self.world_size, on_gpu=self.on_gpu)
+        self.engine, self.precision = build_engine(model, self.cfg, self.job.deepspeed, world_size=self.world_size,
+                                                   on_gpu=self.on_gpu, load_universal=load_universal)
         data = self.job.data
         data.batch.max_sentences = data.batch.max_sentences or self.cfg.micro_batch_size
         self.batcher = build_batcher(data, self.job.objective, rank=self.rank, world_size=self.world_size,
@@ -89,26 +94,40 @@ class Worker:
                                      world_size=self.world_size)
         self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=self.job.peak_flops)
 
-    def restore(self) -> None:
-        """Continue from Ray Train's latest checkpoint, if any (a restart or `resume=true`)."""
-        import ray.train
+    def restore(self, folder: str) -> None:
+        """Continue from a checkpoint folder (a Ray Train restart or `resume=true`).
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as folder:
-            state, data_states = ckpt.load(self.engine, folder, rank=self.rank)
+        On another world size with ZeRO >= 1, rank 0 first converts the
+        checkpoint to DeepSpeed's universal format (under <run.dir>/universal),
+        which every rank then loads with its new partitioning.
+        """
+        universal = self.universal_copy(folder) if self.load_universal else None
+        state, data_states = ckpt.load(self.engine, folder, rank=self.rank, universal=universal)
         same_world = state.world_size == self.world_size
         self.batcher.load_state_dict(data_states[self.rank] if same_world else data_states)
         self.state = ckpt.TrainState(**{**state.__dict__, "world_size": self.world_size})
         if not same_world:
             ckpt.seed_everything(self.cfg.seed + 1000 * self.rank + self.state.step)
 
+    def universal_copy(self, folder: str) -> Path:
+        out = Path(self.job.run_dir) / "universal" / Path(folder).name
+        if self.rank == 0:
+            ckpt.to_universal(folder, out)
+        dist.barrier()
+        return out
+
     # --- the loop --------------------------------------------------------------
 
     def run(self) -> None:
-        self.build()
-        self.restore()
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
+            saved_world = ckpt.saved_world_size(folder) if folder else self.world_size
+            self.load_universal = saved_world != self.world_size and self.job.deepspeed.zero_stage > 0
+            self.build(load_universal=self.load_universal)
+            if folder:
+                self.restore(folder)
         self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
         if self.tracker:
             self.tracker.summary({"parameters": self.num_parameters, "world_size": self.world_size,
@@ -189,7 +208,12 @@ class Worker:
         print(progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start), flush=True)
 
     def validate_and_log(self) -> None:
+        """Validation on every rank; rank 0 logs it; Ray Train (and Ray Tune above it) receives it."""
+        import ray.train
+
         metrics = self.validate()
+        if metrics:
+            ray.train.report({"step": self.state.step, **metrics})
         if self.tracker and metrics:
             self.tracker.log(self.state.step, metrics)
             print(f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} "
@@ -229,6 +253,8 @@ class Worker:
             tag = ckpt.save(self.engine, folder, self.state, rank=self.rank)
             metrics = {"step": self.state.step, "tag": tag, "final": final}
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=tag)
+        if self.rank == 0 and self.job.on_checkpoint is not None:
+            self.job.on_checkpoint(step=self.state.step, path=str(Path(self.job.checkpoint_root) / tag))
 
     def maybe_fail(self) -> None:
         """`chaos.fail_at_step`: SIGKILL this worker once (a marker file remembers it fired)."""

@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -149,13 +149,15 @@ def test_kill_and_resume_equals_the_uninterrupted_run_bitwise(tiny_data, tmp_pat
     assert json.loads((killed / "model" / "lineage.json").read_text())["wandb_run_id"] == run_id
 
 
-def test_resume_on_another_world_size_and_back(tiny_data, tmp_path):
+@pytest.mark.parametrize("zero", [0, 1, 3])
+def test_resume_on_another_world_size_and_back(zero, tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert main(["pretrain", *base(tiny_data, run, "trainer.max_steps=4")]) == 0
-    assert main(["pretrain", *base(tiny_data, run, "resume=true", "trainer.max_steps=6",
+    stage = f"deepspeed.zero_stage={zero}"
+    assert main(["pretrain", *base(tiny_data, run, stage, "trainer.max_steps=4")]) == 0
+    assert main(["pretrain", *base(tiny_data, run, stage, "resume=true", "trainer.max_steps=6",
                                    "trainer.num_workers=1")]) == 0
     assert json.loads((run / "model" / "lineage.json").read_text())["step"] == 6
-    assert main(["pretrain", *base(tiny_data, run, "resume=true", "trainer.max_steps=8")]) == 0
+    assert main(["pretrain", *base(tiny_data, run, stage, "resume=true", "trainer.max_steps=8")]) == 0
     assert json.loads((run / "model" / "lineage.json").read_text())["step"] == 8
     assert [m["step"] for m in metrics(run) if "loss" in m] == list(range(1, 9))
     assert len(run_ids(run)) == 1
