@@ -29,6 +29,8 @@ class Command:
     multirun: bool = True
     defaults: tuple[str, ...] = ()
     """Overrides applied before the user's (which win)."""
+    aliases: tuple[tuple[str, str], ...] = ()
+    """(short, key) pairs: `short=value` is read as `key=value` (e.g. report's run=<folder>)."""
 
     def load(self) -> Callable[[JobConfig], int]:
         module, func = self.runner.split(":")
@@ -46,6 +48,10 @@ COMMANDS: dict[str, Command] = {
                 "orchestrator.train:run_pretrain"),
         Command("finetune", "fine-tune a model package (pretrained=...) on source/target pairs",
                 "orchestrator.train:run_finetune", defaults=("objective=pairs",)),
+        Command("pipeline", "prepare -> pretrain -> sweep -> evaluate the best trial, with a lineage record",
+                "orchestrator.pipeline:run", defaults=("experiment=tiny",)),
+        Command("report", "PNG plots of a run, sweep, evaluation or pipeline folder (report run=<folder>)",
+                "orchestrator.report:run", multirun=False, aliases=(("run", "run.dir"),)),
         Command("export", "write the model package of a checkpoint of the run in run.dir",
                 "orchestrator.train:run_export", multirun=False),
     )
@@ -76,6 +82,9 @@ def _keys_epilog() -> str:
 
 def with_defaults(cmd: Command, overrides: list[str]) -> list[str]:
     """The command's own defaults, unless the user overrides the same key."""
+    aliases = dict(cmd.aliases)
+    overrides = [aliases[o.split("=", 1)[0]] + "=" + o.split("=", 1)[1] if "=" in o and o.split("=", 1)[0] in aliases
+                 else o for o in overrides]
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return [d for d in cmd.defaults if d.split("=", 1)[0] not in given] + list(overrides)
 

@@ -22,6 +22,7 @@ from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from trainers.decoding import DecodingConfig
 from trainers.models import ModelConfig
 
+from .pipeline_config import PipelineConfig
 from .tracking import TrackingConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -103,6 +104,7 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     resume: bool = False
     """Continue the run in `run.dir` from its last checkpoint (after the driver died)."""

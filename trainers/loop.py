@@ -201,6 +201,7 @@ class Worker:
             "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": self.engine.get_lr()[0],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), **rates,
             "epoch": self.batcher.stream.epoch, "memory_mb": rss_mb(),
+            **({"gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if self.on_gpu else {}),
             "skipped_shards": self.batcher.stream.num_bad_shards,
             "dropped_samples": self.dropped, "truncated_samples": self.truncated,
         }
