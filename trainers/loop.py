@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ class Worker:
             "dropped_samples": self.dropped, "truncated_samples": self.truncated,
         }
         self.tracker.log(self.state.step, metrics)
-        print(progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start), flush=True)
+        console(progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start))
 
     def validate_and_log(self) -> None:
         """Validation on every rank; rank 0 logs it; Ray Train (and Ray Tune above it) receives it."""
@@ -217,8 +218,7 @@ class Worker:
             ray.train.report({"step": self.state.step, **metrics})
         if self.tracker and metrics:
             self.tracker.log(self.state.step, metrics)
-            print(f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} "
-                  f"val_ppl {metrics['val_ppl']:.2f}", flush=True)
+            console(f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} val_ppl {metrics['val_ppl']:.2f}")
 
     def validate(self) -> dict[str, float]:
         """Token-weighted loss on the `valid` split (this rank's share), reduced over ranks."""
@@ -266,7 +266,7 @@ class Worker:
         if marker.exists():
             return
         marker.write_text(f"killed rank {self.rank} after step {self.state.step}\n")
-        print(f"chaos: killing rank {self.rank} (pid {os.getpid()}) after step {self.state.step}", flush=True)
+        console(f"chaos: killing rank {self.rank} (pid {os.getpid()}) after step {self.state.step}")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -294,6 +294,13 @@ def all_reduce_mean(weighted_sum: float, weight: float) -> tuple[float, float]:
         dist.all_reduce(t)
     total, count = t.tolist()
     return total / max(count, 1.0), count
+
+
+def console(line: str) -> None:
+    """One line on the worker's stdout (Ray streams it to the driver once; Ray Train's
+    patched `print` would log it a second time)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def rss_mb() -> float:
