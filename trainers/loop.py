@@ -9,9 +9,11 @@ the Ray Train context) and in rank 0's tracker; nothing else asks.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -75,6 +77,7 @@ class Worker:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.consumed = Progress()  # stream positions of the batches trained on this epoch
         self.dropped = self.truncated = 0  # over-long samples seen by this rank
+        self.grad_norm = 0.0  # before clipping, of the last optimizer step (ZeRO-0 only; else DeepSpeed's)
 
     # --- setup ---------------------------------------------------------------
 
@@ -117,6 +120,19 @@ class Worker:
         dist.barrier()
         return out
 
+    def record_placement(self) -> None:
+        """`<run.dir>/workers.json`: the Ray node, host and pid of every rank (written by rank 0)."""
+        import ray
+
+        me = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+              "hostname": socket.gethostname(), "pid": os.getpid()}
+        ranks = [me]
+        if dist.is_available() and dist.is_initialized():
+            ranks = [None] * self.world_size
+            dist.all_gather_object(ranks, me)
+        if self.rank == 0:
+            Path(self.job.run_dir, "workers.json").write_text(json.dumps(ranks, indent=2) + "\n")
+
     # --- the loop --------------------------------------------------------------
 
     def run(self) -> None:
@@ -129,6 +145,7 @@ class Worker:
             self.build(load_universal=self.load_universal)
             if folder:
                 self.restore(folder)
+        self.record_placement()
         self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
         if self.tracker:
             self.tracker.summary({"parameters": self.num_parameters, "world_size": self.world_size,
@@ -154,6 +171,8 @@ class Worker:
             timer.data_ready()
             loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out)
             self.engine.backward(loss)
+            if self.job.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                self.grad_norm = total_grad_norm(self.model)  # DeepSpeed records it only under ZeRO
             self.engine.step()
             tokens = batch.num_tokens
             total_loss, total_tokens = total_loss + loss.item() * tokens, total_tokens + tokens
@@ -200,7 +219,8 @@ class Worker:
             return
         metrics = {
             "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": self.engine.get_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), **rates,
+            "grad_norm": float(self.grad_norm if self.job.deepspeed.zero_stage == 0
+                               else self.engine.get_global_grad_norm() or 0.0), **rates,
             "epoch": self.batcher.stream.epoch, "memory_mb": rss_mb(),
             **({"gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if self.on_gpu else {}),
             "skipped_shards": self.batcher.stream.num_bad_shards,
@@ -294,6 +314,13 @@ def all_reduce_mean(weighted_sum: float, weight: float) -> tuple[float, float]:
         dist.all_reduce(t)
     total, count = t.tolist()
     return total / max(count, 1.0), count
+
+
+def total_grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all gradients (already all-reduced across ranks at the boundary)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
 
 
 def console(line: str) -> None:
