@@ -37,6 +37,6 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
 
 def local_cpus(cluster: ClusterConfig) -> int | None:
     """CPUs of the cluster this job will start, or None when it joins an existing one."""
-    if cluster.address:
+    if cluster.address or os.environ.get("RAY_ADDRESS"):  # inside a Ray job: the cluster's, not this node's
         return None
     return cluster.num_cpus or os.cpu_count() or 1

@@ -26,6 +26,7 @@ from trainers.export import export_package
 from trainers.models import ModelConfig
 from trainers.package import Lineage, PackageError, check_compatible, read_model_config, sha256_file
 
+from .checkpoint_eval import checkpoint_evaluation, plan_checkpoint_evaluation
 from .cluster import local_cpus, ray_session
 from .config import ConfigError, JobConfig
 from .tracking import Tracker, new_run_id
@@ -57,11 +58,12 @@ def run_finetune(job: JobConfig) -> int:
 
 def train(job: JobConfig, *, mode: str) -> int:
     plan = preflight(job, mode=mode)
+    job, evaluation = plan_checkpoint_evaluation(job, plan)  # eval.during_training: checked now, started in Ray
     run_info = open_run_dir(job, plan)
     t0 = time.perf_counter()
     try:
-        with ray_session(job.cluster):
-            fit(job, plan, run_info)
+        with ray_session(job.cluster), checkpoint_evaluation(evaluation, run_info) as on_checkpoint:
+            fit(job, plan, run_info, on_checkpoint=on_checkpoint)
     except Exception as err:  # a failure after Ray Train's retries: one line, checkpoints kept
         if not type(err).__module__.startswith("ray"):
             raise
@@ -154,7 +156,8 @@ def check_resources(job: JobConfig) -> None:
 def config_sha256(job: JobConfig) -> str:
     """Hash of what defines the training (run folder, resume and chaos keys left out)."""
     cfg = OmegaConf.to_container(OmegaConf.structured(job))
-    for key in ("run", "resume", "chaos", "cluster", "tracking", "demo", "decoding"):
+    for key in ("run", "resume", "chaos", "cluster", "tracking", "demo", "decoding", "eval", "generate",
+                "sweep"):
         cfg.pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
@@ -200,7 +203,8 @@ def fit(job: JobConfig, plan: Plan, run_info: dict, *, callbacks: tuple = (), on
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"job": worker_job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker},
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(name=CHECKPOINTS, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+FREEZE = ("none", "embeddings", "encoder")
+"""What `trainer.freeze` may leave untrained."""
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
@@ -15,6 +19,9 @@ class TrainerConfig:
     """CPU cores reserved per worker (also its torch thread count)."""
     use_gpu: bool = False
     """One GPU per worker; NCCL and bf16 are then chosen automatically."""
+    placement_strategy: str = "PACK"
+    """How Ray places the workers on nodes: `PACK` (fill a node first), `SPREAD` (across nodes when it can)
+    or `STRICT_SPREAD` (each worker on its own node, or the run waits)."""
     micro_batch_size: int = 32
     """Most samples in one worker's micro-batch (the token budget may make it smaller)."""
     grad_accum_steps: int = 1
@@ -52,6 +59,9 @@ class TrainerConfig:
     """Validation batches per evaluation."""
     max_failures: int = 2
     """Times Ray Train restarts the worker group after a worker dies."""
+    freeze: str = "none"
+    """Parameters left untrained when fine-tuning: `none`, `embeddings` (the shared token embedding, which is
+    also the output projection, and learned position tables) or `encoder` (every encoder layer and norm)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "num_workers", "cpus_per_worker", "micro_batch_size",
@@ -63,6 +73,11 @@ class TrainerConfig:
                 f"x num_workers = {self.micro_batch_size} x {self.grad_accum_steps} x {self.num_workers}")
         if self.schedule not in ("cosine", "inverse_sqrt", "constant"):
             raise ValueError(f"trainer.schedule: must be cosine, inverse_sqrt or constant, got {self.schedule!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
+            raise ValueError("trainer.placement_strategy: must be PACK, SPREAD or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
+        if self.freeze not in FREEZE:
+            raise ValueError(f"trainer.freeze: must be one of {', '.join(FREEZE)}, got {self.freeze!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"trainer.precision: must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
