@@ -31,10 +31,20 @@ class Command:
     """Overrides applied before the user's (which win)."""
     aliases: tuple[tuple[str, str], ...] = ()
     """(short, key) pairs: `short=value` is read as `key=value` (e.g. report's run=<folder>)."""
+    arguments: str = ""
+    """`module:function(parser)` adding the command's own argparse arguments. Set for commands that take
+    no Hydra overrides (`submit`, `jobs`); their runner then takes the argparse Namespace."""
 
-    def load(self) -> Callable[[JobConfig], int]:
-        module, func = self.runner.split(":")
-        return getattr(importlib.import_module(module), func)
+    def load(self) -> Callable[..., int]:
+        return _resolve(self.runner)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _resolve(self.arguments)(parser)
+
+
+def _resolve(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 COMMANDS: dict[str, Command] = {
@@ -48,12 +58,23 @@ COMMANDS: dict[str, Command] = {
                 "orchestrator.train:run_pretrain"),
         Command("finetune", "fine-tune a model package (pretrained=...) on source/target pairs",
                 "orchestrator.train:run_finetune", defaults=("objective=pairs",)),
+        Command("sweep", "Ray Tune search over fine-tuning hyperparameters of a model package (pretrained=...), "
+                "ASHA early stopping; sweep_results.json", "orchestrator.sweep:run", defaults=("objective=pairs",)),
         Command("pipeline", "prepare -> pretrain -> sweep -> evaluate the best trial, with a lineage record",
                 "orchestrator.pipeline:run", defaults=("experiment=tiny",)),
         Command("report", "PNG plots of a run, sweep, evaluation or pipeline folder (report run=<folder>)",
                 "orchestrator.report:run", multirun=False, aliases=(("run", "run.dir"),)),
         Command("export", "write the model package of a checkpoint of the run in run.dir",
                 "orchestrator.train:run_export", multirun=False),
+        Command("evaluate", "decode a paired dataset with greedy/beam/sampling: BLEU, chrF, exact match, "
+                "perplexity, speed (package=<model package>)", "orchestrator.evaluate:run",
+                defaults=("data.dir=@package",), aliases=(("package", "eval.package"),)),
+        Command("generate", "decode lines from stdin or generate.input with any strategy (package=<model package>)",
+                "orchestrator.generate:run", multirun=False, aliases=(("package", "generate.package"),)),
+        Command("submit", "run any command on a Ray cluster as a Ray job: submit [--address URL] -- pretrain ...",
+                "orchestrator.jobs:run_submit", arguments="orchestrator.jobs:add_submit_arguments"),
+        Command("jobs", "list the cluster's Ray jobs, or show the status or logs of one, or stop it",
+                "orchestrator.jobs:run_jobs", arguments="orchestrator.jobs:add_jobs_arguments"),
     )
 }
 
@@ -65,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
+        if cmd.arguments:
+            cmd.add_arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+            continue
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
                            epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
@@ -98,6 +122,12 @@ def expand_multirun(overrides: list[str]) -> list[list[str]]:
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
+def check_config(cmd: Command, overrides: list[str], *, multirun: bool) -> list[JobConfig]:
+    """The typed config of every run the overrides ask for (each combination with -m), all checked."""
+    batches = expand_multirun(overrides) if multirun else [overrides]
+    return [to_typed(compose_config(with_defaults(cmd, o))) for o in batches]
+
+
 def run_one(cmd: Command, overrides: list[str], print_cfg: bool) -> int:
     cfg = compose_config(with_defaults(cmd, overrides))
     job = to_typed(cfg)  # validates every slice before anything runs
@@ -111,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cmd = COMMANDS[args.command]
     try:
+        if cmd.arguments:
+            return cmd.load()(args)
         if getattr(args, "multirun", False):
             batches = expand_multirun(args.overrides)
             for overrides in batches:  # check every combination before running any
