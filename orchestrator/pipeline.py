@@ -66,11 +66,19 @@ def run(job: JobConfig) -> int:
 # --- stages -----------------------------------------------------------------------------
 
 def stage_prepare(job: JobConfig, f: Folders, lineage: Lineage) -> Path:
+    from data_pipeline.prepare import plan as plan_prepare
+
     from .prepare import run as prepare
 
+    stage = stage_job(job, run_dir=f.root, data_dir=f.data)
     reused = bool(job.pipeline.data) or "prepare" not in job.pipeline.stages
     if not reused:
-        check(prepare(stage_job(job, run_dir=f.root, data_dir=f.data)), "prepare")
+        try:
+            reused = plan_prepare(stage.data).up_to_date  # the same inputs were prepared before
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if not reused:
+        check(prepare(stage), "prepare")
     if not (f.data / "manifest.json").is_file():
         raise ConfigError(f"pipeline.data: {f.data} has no manifest.json (run the prepare stage or name a folder)")
     lineage.add(make_record("data", "dataset", f.data, parents=[], wandb_run_id=None, reused=reused))

@@ -83,9 +83,12 @@ class Worker:
 
     def build(self, *, load_universal: bool = False) -> None:
         ckpt.seed_everything(self.cfg.seed)  # identical initial weights on every rank
-        model = load_package(self.job.pretrained) if self.job.pretrained else build_model(self.job.model)
+        model = build_model(self.job.model)  # the job's config: a fine-tune's own dropout
+        if self.job.pretrained:
+            model.load_state_dict(load_package(self.job.pretrained).state_dict())
         self.model: Seq2SeqModel = model.train()
         self.num_parameters = model.num_parameters()  # before ZeRO-3 partitions the weights
+        self.num_frozen = freeze_parameters(model, self.cfg.freeze)  # before the optimizer sees them
         ckpt.seed_everything(self.cfg.seed + 1000 * self.rank)  # distinct dropout per rank
         self.engine, self.precision = build_engine(model, self.cfg, self.job.deepspeed, world_size=self.world_size,
                                                    on_gpu=self.on_gpu, load_universal=load_universal)
@@ -149,7 +152,8 @@ class Worker:
         self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
         if self.tracker:
             self.tracker.summary({"parameters": self.num_parameters, "world_size": self.world_size,
-                                  "precision": self.precision, "peak_flops": self.peak})
+                                  "precision": self.precision, "peak_flops": self.peak,
+                                  "frozen_parameters": self.num_frozen})
         batches = self.batches()
         timer, window = StepTimer(), Window()
         start_step, t_start = self.state.step, time.perf_counter()
@@ -288,6 +292,26 @@ class Worker:
         marker.write_text(f"killed rank {self.rank} after step {self.state.step}\n")
         console(f"chaos: killing rank {self.rank} (pid {os.getpid()}) after step {self.state.step}")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+FROZEN_PREFIXES = {
+    "none": (),
+    "embeddings": ("embed.", "enc_pos.", "dec_pos."),
+    "encoder": ("encoder.", "enc_norm.", "enc_pos."),
+}
+"""`trainer.freeze` -> parameter-name prefixes (Transformer and RNN models share these module names)."""
+
+
+def freeze_parameters(model: torch.nn.Module, what: str) -> int:
+    """`requires_grad_(False)` on the parameters `trainer.freeze` names; returns how many values it froze."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if name.startswith(FROZEN_PREFIXES[what]):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if what != "none" and not frozen:
+        raise ValueError(f"trainer.freeze: {what!r} matches no parameter of a {model.config.arch} model")
+    return frozen
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""`seqfoundry pipeline` on experiment=tiny end to end (real Ray, DeepSpeed, Tune,
+W&B offline), then a rerun that reuses every stage, and `seqfoundry report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from trainers.package import load_package, sha256_file
+from tests.helpers.wandb_offline import offline_runs, records
+
+ray = pytest.importorskip("ray")
+
+FAST = ["trainer.max_steps=6", "trainer.val_every=3", "trainer.checkpoint_every=100", "trainer.log_every=2",
+        "trainer.warmup_steps=1", "sweep.num_samples=2", "eval.max_samples=16", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline") / "run"
+    assert main(["pipeline", f"run.dir={root}", "data.max_documents=12", *FAST]) == 0
+    return root
+
+
+def artifacts(root: Path) -> dict[str, dict]:
+    return {a["name"]: a for a in json.loads((root / "pipeline.json").read_text())["artifacts"]}
+
+
+def test_every_artifact_links_to_its_parents_with_matching_hashes(pipeline_dir):
+    arts = artifacts(pipeline_dir)
+    assert set(arts) == {"data", "pretrained", "finetuned", "evaluation"}
+    assert arts["data"]["parents"] == []
+    assert arts["pretrained"]["parents"] == ["data"]
+    assert set(arts["finetuned"]["parents"]) == {"pretrained", "data"}
+    assert set(arts["evaluation"]["parents"]) == {"finetuned", "data"}
+    files = {"data": "manifest.json", "pretrained": "model.safetensors", "finetuned": "model.safetensors"}
+    for name, file in files.items():
+        assert arts[name]["sha256"] == sha256_file(Path(arts[name]["path"]) / file), name
+    assert arts["evaluation"]["sha256"] == sha256_file(arts["evaluation"]["path"])
+    for name in ("pretrained", "finetuned"):
+        assert arts[name]["wandb_run_id"], name
+    # the fine-tuned package names its parent package and the data it was trained on
+    lineage = json.loads((Path(arts["finetuned"]["path"]) / "lineage.json").read_text())
+    assert Path(lineage["parent_package"]) == Path(arts["pretrained"]["path"])
+    assert lineage["data_manifest_sha256"] == arts["data"]["sha256"]
+    load_package(arts["finetuned"]["path"])
+
+
+def test_results_cover_every_strategy_and_the_artifacts_reach_wandb(pipeline_dir):
+    results = json.loads((pipeline_dir / "eval" / "eval_results.json").read_text())
+    assert {"greedy", "beam", "sample"} <= set(results["strategies"])
+    for metrics in results["strategies"].values():
+        assert 0.0 <= metrics["bleu"] <= 100.0 and metrics["tokens_per_s"] > 0
+    logged = {r.artifact.name for path in offline_runs(pipeline_dir) for r in records(path)
+              if r.WhichOneof("record_type") == "artifact"}
+    assert {name.split("-")[0] for name in logged} >= {"data", "pretrained", "finetuned", "evaluation"}
+
+
+def test_a_rerun_reuses_every_stage(pipeline_dir):
+    before = artifacts(pipeline_dir)
+    assert main(["pipeline", f"run.dir={pipeline_dir}", "data.max_documents=12", *FAST]) == 0
+    after = artifacts(pipeline_dir)
+    for name in before:
+        assert after[name]["sha256"] == before[name]["sha256"]
+        assert after[name]["reused"], name
+
+
+def test_report_draws_non_empty_images(pipeline_dir):
+    assert main(["report", f"run={pipeline_dir}"]) == 0
+    images = sorted((pipeline_dir / "report").glob("*.png"))
+    names = {p.name for p in images}
+    assert any("training" in n for n in names) and any("sweep" in n for n in names)
+    assert any("strategies" in n for n in names)
+    for image in images:
+        data = image.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, image
