@@ -61,7 +61,7 @@ COMMANDS: dict[str, Command] = {
         Command("sweep", "Ray Tune search over fine-tuning hyperparameters of a model package (pretrained=...), "
                 "ASHA early stopping; sweep_results.json", "orchestrator.sweep:run", defaults=("objective=pairs",)),
         Command("pipeline", "prepare -> pretrain -> sweep -> evaluate the best trial, with a lineage record",
-                "orchestrator.pipeline:run", defaults=("experiment=tiny",)),
+                "orchestrator.pipeline:run", defaults=("experiment=demo",)),
         Command("report", "PNG plots of a run, sweep, evaluation or pipeline folder (report run=<folder>)",
                 "orchestrator.report:run", multirun=False, aliases=(("run", "run.dir"),)),
         Command("export", "write the model package of a checkpoint of the run in run.dir",

@@ -27,7 +27,8 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
         kwargs = {}
     else:  # a fresh local cluster, never one that `ray start` left running on this machine
         kwargs = {"address": "local", "num_cpus": cluster.num_cpus or None}
-    ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=True,
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls.
+    ray.init(**kwargs, log_to_driver=True, configure_logging=True,
              logging_level="WARNING", runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}})
     try:
         yield

@@ -150,14 +150,9 @@ def run_json(run_dir: Path) -> dict:
 
 
 def print_results(results: dict, lineage: Lineage) -> None:
-    strategies = results.get("strategies", {})
-    columns = ["bleu", "chrf", "exact_match", "avg_len", "tokens_per_s", "latency_ms", "search_error_rate"]
-    columns = [c for c in columns if any(c in m for m in strategies.values())]
-    print(f"\n{'strategy':<10}" + "".join(f"{c:>18}" for c in columns))
-    for name, metrics in strategies.items():
-        cells = "".join(f"{metrics[c]:>18.3f}" if isinstance(metrics.get(c), (int, float)) else f"{'-':>18}"
-                        for c in columns)
-        print(f"{name:<10}{cells}")
-    if "perplexity" in results:
-        print(f"teacher-forced perplexity: {results['perplexity']:.3f}")
+    """The pipeline ends with the evaluation's table: decoding strategies x metrics."""
+    from .evaluate import print_table
+
+    print()
+    print_table(results)
     print(f"lineage: {lineage.path} ({len(lineage.records)} artifacts)")

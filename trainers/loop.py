@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -62,6 +63,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config={"job": WorkerJob})`."""
     job: WorkerJob = config["job"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.trainer.use_gpu else "cpu")
+    # DeepSpeed calls torch.distributed's deprecated collectives every step: keep the console readable.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import ray.train
 
     context = ray.train.get_context()

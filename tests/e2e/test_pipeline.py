@@ -28,7 +28,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["pipeline", f"run.dir={root}", "data.max_documents=12", *FAST]) == 0
+    assert main(["pipeline", "experiment=tiny", f"run.dir={root}", "data.max_documents=12", *FAST]) == 0
     return root
 
 
@@ -68,7 +68,7 @@ def test_results_cover_every_strategy_and_the_artifacts_reach_wandb(pipeline_dir
 
 def test_a_rerun_reuses_every_stage(pipeline_dir):
     before = artifacts(pipeline_dir)
-    assert main(["pipeline", f"run.dir={pipeline_dir}", "data.max_documents=12", *FAST]) == 0
+    assert main(["pipeline", "experiment=tiny", f"run.dir={pipeline_dir}", "data.max_documents=12", *FAST]) == 0
     after = artifacts(pipeline_dir)
     for name in before:
         assert after[name]["sha256"] == before[name]["sha256"]
