@@ -13,7 +13,6 @@ Loading a package reads JSON and safetensors only: it never unpickles code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
+
+from data_pipeline.shards import sha256_file
 
 from .models import ModelConfig, Seq2SeqModel, build_model
 
@@ -49,14 +50,6 @@ class Lineage:
     step: int = 0
     """Optimizer step the weights come from."""
     extra: dict = field(default_factory=dict)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_package(out_dir: str | Path, model: Seq2SeqModel, *, tokenizer: str | Path,

@@ -31,10 +31,8 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+def ray_cluster(local_ray):
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_cluster(local_ray):
     yield
-    ray.shutdown()
 
 
 def digests(folder: Path) -> dict[str, str]:

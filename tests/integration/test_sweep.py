@@ -10,29 +10,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline import prepare
 from orchestrator.cli import main
 from orchestrator.config import compose_config, to_typed
 from trainers.models import build_model
 from trainers.package import Lineage, load_package, write_package
+from tests.helpers.data import prepare_tiny
 from tests.helpers.wandb_offline import offline_runs, records, run_ids
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+def ray_cluster(local_ray):
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data") / "tiny"
-    job = to_typed(compose_config(["experiment=tiny", f"data.dir={folder}"]))
-    prepare(job.data, progress=False, use_ray=False)
-    return folder
+    return prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -11,32 +11,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline import prepare
 from orchestrator.cli import main
-from orchestrator.config import compose_config, to_typed
 from trainers.models import ModelConfig, build_model
 from trainers.package import Lineage, load_package, write_package
+from tests.helpers.data import prepare_tiny
 from tests.helpers.wandb_offline import history, run_ids
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+def ray_cluster(local_ray):
     yield
-    ray.shutdown()
-
-
-def prepare_data(folder: Path, *overrides: str) -> Path:
-    job = to_typed(compose_config(["experiment=tiny", f"data.dir={folder}", *overrides]))
-    prepare(job.data, progress=False, use_ray=False)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    return prepare_data(tmp_path_factory.mktemp("data") / "tiny")
+    return prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def copy_pairs(tmp_path_factory) -> Path:
         for _ in range(600):
             seq = [rng.choice(words) for _ in range(rng.randint(3, 6))]
             f.write(json.dumps({"src": " ".join(seq), "tgt": " ".join(seq)}) + "\n")
-    return prepare_data(root / "data", "data.task=pairs", f"data.sources=[{root / 'copy.jsonl'}]",
+    return prepare_tiny(root / "data", "data.task=pairs", f"data.sources=[{root / 'copy.jsonl'}]",
                         "data.max_documents=0")
 
 
