@@ -51,6 +51,30 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+def init_resumable(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str, config: dict[str, Any],
+                   job_type: str, wait_s: float = 60.0):
+    """`wandb.init` of run `run_id`, resumed if it exists, in this process's own W&B service.
+
+    A W&B service inherited from the driver (WANDB_SERVICE) would outlive a
+    killed rank 0 and keep reporting its run id as "in use" to the restarted
+    one, so the worker starts its own; a service still closing the old stream
+    is waited for.
+    """
+    import wandb
+
+    os.environ.pop("WANDB_SERVICE", None)
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags, name=name,
+                              id=run_id, resume="allow", mode=cfg.resolved_mode(), dir=str(run_dir), config=config,
+                              job_type=job_type, settings=wandb.Settings(console="off", silent=True))
+        except Exception as err:  # wandb raises its own types; only "in use" is worth waiting for
+            if "in use" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 class Tracker:
     """Rank 0's logger: appends to metrics.jsonl and logs to W&B under one run id."""
 
@@ -62,12 +86,8 @@ class Tracker:
         self._t0 = time.time()
         self.wandb = None
         if cfg.resolved_mode() != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(
-                project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags, name=name,
-                id=run_id, resume="allow", mode=cfg.resolved_mode(), dir=str(self.run_dir),
-                config=config, job_type=job_type, settings=wandb.Settings(console="off", silent=True))
+            self.wandb = init_resumable(cfg, run_dir=self.run_dir, run_id=run_id, name=name, config=config,
+                                        job_type=job_type)
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old lines."""

@@ -27,10 +27,12 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) 
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
         # ZeRO-1 keeps frozen parameters (trainer.freeze) out of its fp32 partitions and out of the
-        # frozen-parameter record DeepSpeed writes for ZeRO 2-3; the module states hold them whole.
-        module = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)["module"]
-        state.update({k: v for k, v in module.items() if k not in state and v.numel()})
+        # frozen-parameter record DeepSpeed writes for ZeRO 2-3; the module states (ZeRO 1-2 only:
+        # ZeRO-3 writes per-rank partitions) hold them whole.
+        module_file = folder / tag / "mp_rank_00_model_states.pt"
+        if module_file.is_file():
+            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            state.update({k: v for k, v in module.items() if k not in state and v.numel()})
     else:
         state = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                            weights_only=False)["module"]
