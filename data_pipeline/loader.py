@@ -18,6 +18,7 @@ skips nothing, whatever each rank consumed.
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 
 from .batching import TokenBatcher
@@ -40,5 +41,8 @@ def build_batcher(data: DataConfig, objective: ObjectiveConfig, *, rank: int, wo
 def data_loader(batcher: TokenBatcher, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ready batches. Workers are not persistent, so `set_epoch` and
     `load_state_dict` reach them (each `iter(loader)` sends them the current stream)."""
+    # Its own generator: every `iter(loader)` draws a base seed, which from the global RNG would
+    # shift the model's dropout stream after a resume (exact resume needs the same draws).
     return DataLoader(batcher, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(0))
