@@ -15,7 +15,8 @@
 }
 ```
 Top-level counts and `shards` cover every split; `splits` breaks them down.
-Paths are relative to the folder, so a prepared folder can be moved.
+Paths are relative to the folder, so a prepared folder can be moved, or
+uploaded to object storage (`s3://…`, `gs://…`) and read from there.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .shards import sha256_file
+from .storage import as_path, is_remote, local_copy, sha256_file
 from .tokenizer import Specials
 
 FORMAT = "seqfoundry.shards/1"
@@ -34,7 +35,7 @@ MANIFEST_NAME = "manifest.json"
 @dataclass(frozen=True)
 class ShardInfo:
     path: Path
-    """Absolute path of the tar file."""
+    """Absolute path (or object-storage URL, a `UPath`) of the tar file."""
     split: str
     samples: int
     tokens: int
@@ -45,13 +46,13 @@ class ShardInfo:
 @dataclass(frozen=True)
 class Manifest:
     path: Path
-    """The manifest.json file."""
+    """The manifest.json file (a local `Path`, or a `UPath` for an object-storage URL)."""
     data: dict
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
         """Read `path` (a manifest.json or the prepared folder holding one)."""
-        path = Path(path)
+        path = as_path(path)
         if path.is_dir():
             path = path / MANIFEST_NAME
         try:
@@ -60,7 +61,7 @@ class Manifest:
             raise FileNotFoundError(f"no prepared data at {path} (run `seqfoundry prepare`)") from None
         if data.get("format") != FORMAT:
             raise ValueError(f"{path}: not a seqfoundry manifest (format {data.get('format')!r})")
-        return cls(path.resolve(), data)
+        return cls(path if is_remote(path) else path.resolve(), data)
 
     @property
     def folder(self) -> Path:
@@ -77,6 +78,15 @@ class Manifest:
     @property
     def tokenizer_path(self) -> Path:
         return self.folder / self.data["tokenizer"]
+
+    @property
+    def is_remote(self) -> bool:
+        """The prepared data lives in object storage."""
+        return is_remote(self.path)
+
+    def local_tokenizer_path(self) -> Path:
+        """tokenizer.json as a local file (a verified cached copy when the data is remote)."""
+        return local_copy(self.tokenizer_path, sha256=self.data["tokenizer_sha256"])
 
     @property
     def specials(self) -> Specials:

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from .config import DataConfig
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
+from .storage import as_path, is_remote, mirror_dir, remove_tree, upload
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
 from .sources import (SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate,
                       expand_sources, file_documents, split_documents)
@@ -65,7 +66,7 @@ def prepare(cfg: DataConfig, *, progress: bool = True, use_ray: bool = True) -> 
 
 def plan(cfg: DataConfig) -> Plan:
     """Read the corpus and check the target; raises ValueError naming the `data.*` key."""
-    folder = Path(cfg.dir).expanduser()
+    folder = as_path(cfg.dir)
     if cfg.tokenizer:
         reused_tokenizer(cfg.tokenizer)
     docs = collect_documents(cfg)
@@ -149,7 +150,8 @@ def run(plan: Plan, *, progress: bool = True, use_ray: bool = True) -> Manifest:
     if plan.up_to_date:
         print(f"prepare: {plan.folder} is up to date", file=sys.stderr)
         return Manifest.load(plan.folder)
-    staging = plan.folder / STAGING_DIR
+    # Object storage has no atomic rename: a remote dataset is staged locally and uploaded, manifest last.
+    staging = mirror_dir(plan.folder) / STAGING_DIR if is_remote(plan.folder) else plan.folder / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
     (staging / SHARDS_DIR).mkdir(parents=True)
     tok, specials = build_tokenizer(plan)
@@ -292,9 +294,22 @@ def manifest_data(plan: Plan, staging: Path, written: dict[str, list[WrittenShar
 
 def publish(staging: Path, folder: Path) -> None:
     """Move the staged dataset into `folder`: the old manifest goes first, the new one last."""
+    if is_remote(folder):
+        publish_remote(staging, folder)
+        return
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
     shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)
     os.replace(staging / SHARDS_DIR, folder / SHARDS_DIR)
     os.replace(staging / TOKENIZER_NAME, folder / TOKENIZER_NAME)
     os.replace(staging / MANIFEST_NAME, folder / MANIFEST_NAME)
     staging.rmdir()
+
+
+def publish_remote(staging: Path, folder: Path) -> None:
+    """Upload the staged dataset to object storage; a reader never sees a manifest whose shards are not there."""
+    manifest = folder / MANIFEST_NAME
+    if manifest.exists():
+        manifest.unlink()
+    remove_tree(folder / SHARDS_DIR)
+    upload(staging, folder, names=[SHARDS_DIR, TOKENIZER_NAME, MANIFEST_NAME], last=[MANIFEST_NAME])
+    shutil.rmtree(staging)

@@ -19,6 +19,8 @@ from typing import Iterable
 import numpy as np
 import webdataset as wds
 
+from .storage import as_path, is_remote, sha256_file  # noqa: F401  (sha256_file: re-exported)
+
 SUFFIX_OF_DTYPE = {"uint16": "u16", "uint32": "u32"}
 DTYPE_OF_SUFFIX = {v: np.dtype(k).newbyteorder("<") for k, v in SUFFIX_OF_DTYPE.items()}
 BLOCK = 512
@@ -74,27 +76,24 @@ class SplitWriter:
         return self.shards
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- reading ------------------------------------------------------------------------
 
 
-def read_shard(path: str | Path, *, expect_samples: int, check_headers: bool = True) -> list[dict]:
+def read_shard(path: str | Path, *, expect_samples: int, check_headers: bool = True,
+               sha256: str | None = None) -> list[dict]:
     """All samples of a shard, in file order: `{"__key__", "tgt"[, "src"]}` with numpy id arrays.
 
+    `path` may be a local path or an object-storage URL (read in one request).
     The arrays are views of the shard's bytes (no copy). Raises ShardCorrupt when
-    the file cannot be read, is malformed, or holds a different number of samples.
+    the file cannot be read, is malformed, differs from `sha256` (when given),
+    or holds a different number of samples.
     """
     try:
-        buf = _read_all(Path(path))
+        buf = _read_all(as_path(path))
     except OSError as err:
         raise ShardCorrupt(f"{path}: {err.strerror or err}") from None
+    if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
+        raise ShardCorrupt(f"{path}: sha256 differs from the manifest (altered)")
     try:
         members = _index_tar(buf, check_headers) if _plain_ustar(buf) else _index_with_tarfile(buf)
         samples = _group(buf, members)
@@ -108,6 +107,8 @@ def read_shard(path: str | Path, *, expect_samples: int, check_headers: bool = T
 def _read_all(path: Path) -> bytearray:
     # A bytearray, so that the numpy views are writable (torch warns about read-only ones).
     with path.open("rb") as f:
+        if is_remote(path):
+            return bytearray(f.read())
         buf = bytearray(os.fstat(f.fileno()).st_size)
         n = f.readinto(buf)
     return buf if n == len(buf) else buf[:n]

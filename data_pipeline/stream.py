@@ -39,6 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .manifest import Manifest, ShardInfo
 from .order import REMAINDER_RULES, EpochOrder, Segment, compact, rank_positions, segment_positions
 from .shards import ShardCorrupt, read_shard, sha256_file
+from .storage import is_remote
 
 STATE_VERSION = 1
 
@@ -110,7 +111,10 @@ class ShardStream(IterableDataset):
         self.manifest = Manifest.load(manifest)
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.split, self.remainder = split, remainder
-        self.shards, self.bad_shards = usable_shards(self.manifest.shards(split), verify)
+        # Remote shards are hashed as they are read (one download each), not all up front on every rank.
+        self._sha256_on_read = verify == "sha256" and self.manifest.is_remote
+        upfront = "size" if self._sha256_on_read else verify
+        self.shards, self.bad_shards = usable_shards(self.manifest.shards(split), upfront)
         self._check_headers = verify != "sha256"  # after a sha256 check, tar header checksums add nothing
         if not self.shards:
             raise NoReadableShardsError(f"{self.manifest.path}: no readable shard"
@@ -250,7 +254,8 @@ class _ShardCache:
         info = self.stream.shards[shard]
         try:
             self.samples = read_shard(info.path, expect_samples=info.samples,
-                                      check_headers=self.stream._check_headers)
+                                      check_headers=self.stream._check_headers,
+                                      sha256=info.sha256 if self.stream._sha256_on_read else None)
         except ShardCorrupt as err:
             warnings.warn(f"skipping unreadable shard {err}", CorruptShardWarning, stacklevel=4)
             self.stream.unreadable_reads += 1
@@ -263,8 +268,9 @@ class _ShardCache:
 def usable_shards(shards: list[ShardInfo], verify: str) -> tuple[list[ShardInfo], dict[str, str]]:
     """Shards that pass the check, and {path: reason} for those that do not (each warned about)."""
     good, bad = [], {}
+    sizes = remote_sizes(shards) if shards and is_remote(shards[0].path) else None
     for info in shards:
-        reason = shard_problem(info, verify)
+        reason = shard_problem(info, verify, sizes)
         if reason is None:
             good.append(info)
         else:
@@ -273,15 +279,33 @@ def usable_shards(shards: list[ShardInfo], verify: str) -> tuple[list[ShardInfo]
     return good, bad
 
 
-def shard_problem(info: ShardInfo, verify: str) -> str | None:
-    if not info.path.is_file():
+def shard_problem(info: ShardInfo, verify: str, sizes: dict[str, int] | None = None) -> str | None:
+    """Why a shard can't be used, or None; `sizes` (remote shards) holds the listed size of every object."""
+    if sizes is not None:
+        size = sizes.get(info.path.path)
+        if size is None:
+            return "missing"
+    elif not info.path.is_file():
         return "missing"
-    size = info.path.stat().st_size
+    else:
+        size = info.path.stat().st_size
     if size != info.bytes:
         return f"{size} bytes, the manifest says {info.bytes} (truncated or altered)"
     if verify == "sha256" and sha256_file(info.path) != info.sha256:
         return "sha256 differs from the manifest (altered)"
     return None
+
+
+def remote_sizes(shards: list[ShardInfo]) -> dict[str, int]:
+    """{bucket/key: bytes} of the objects in the shards' folders: one listing a folder, not a request a shard."""
+    sizes: dict[str, int] = {}
+    for folder in {info.path.parent for info in shards}:
+        try:
+            entries = folder.fs.ls(folder.path, detail=True, refresh=True)
+        except FileNotFoundError:
+            continue
+        sizes.update({e["name"].rstrip("/"): int(e["size"]) for e in entries if e.get("type") == "file"})
+    return sizes
 
 
 def merge_states(states: list[dict]) -> dict:

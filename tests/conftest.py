@@ -28,3 +28,12 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """`s3://<bucket>` on a local S3 server (moto, loopback only) for the whole session."""
+    from tests.helpers.s3 import local_s3
+
+    with local_s3() as bucket:
+        yield bucket
