@@ -52,6 +52,9 @@ def plan_checkpoint_evaluation(job: JobConfig, plan) -> tuple[JobConfig, Checkpo
     from .train import CHECKPOINTS
 
     manifest = plan.manifest
+    if "://" in plan.storage_path:
+        raise ConfigError(f"eval.during_training: checkpoints in object storage ({plan.storage_path}) are not "
+                          "evaluated during training; evaluate the model package afterwards (seqfoundry evaluate)")
     if "src" not in manifest.data.get("fields", ()):
         raise ConfigError(f"eval.during_training: {manifest.path} holds plain text; evaluation needs "
                           "source/target pairs (prepare with data.task=restore or data.task=pairs)")
@@ -62,7 +65,7 @@ def plan_checkpoint_evaluation(job: JobConfig, plan) -> tuple[JobConfig, Checkpo
         strategies = strategy_configs(list(job.eval.strategies), job.decoding)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    tracking = dataclasses.replace(job.tracking, group=job.tracking.group or f"train-{plan.run_dir.name}")
+    tracking = dataclasses.replace(job.tracking, group=job.tracking.group or f"train-{Path(plan.run.location).name}")
     job = dataclasses.replace(job, tracking=tracking)
     cap = plan.model.max_positions if plan.model.arch == "transformer" else job.data.batch.max_source_len
     spec = EvalSpec(data_dir=str(manifest.folder), split=split, strategies=strategies, eval=job.eval,

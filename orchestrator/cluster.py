@@ -20,7 +20,7 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # workers inherit it; GPU workers override it
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # actors inherit it; training workers set their own
     if cluster.address:
         kwargs = {"address": cluster.address}
     elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job (seqfoundry submit): the job's cluster

@@ -34,6 +34,16 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
 
+REMOTE_RUN_DIR_COMMANDS = "prepare, pretrain, finetune, export and evaluate"
+
+
+def require_local(key: str, value: str, command: str) -> None:
+    """Refuse an object-storage URL for a folder that `command` can only use on a (shared) file system."""
+    if "://" in str(value) and not str(value).startswith("file://"):
+        raise ConfigError(f"{key}: {command} needs a local or shared folder, not {value} (object-storage URLs "
+                          f"work with {REMOTE_RUN_DIR_COMMANDS})")
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/${now:%Y%m%d-%H%M%S}"

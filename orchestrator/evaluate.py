@@ -20,6 +20,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from trainers.decoding import DecodingConfig
+from data_pipeline.storage import as_path, is_remote, local_copy
+from trainers.run_folder import RunFolder
 from trainers.package import (PackageError, check_compatible, read_lineage, read_model_config, sha256_file)
 
 from .cluster import ray_session
@@ -36,7 +38,8 @@ OUTPUTS = "eval_outputs.jsonl"
 
 def run(job: JobConfig) -> int:
     spec = plan_evaluation(job)  # every check, before Ray starts
-    run_dir = Path(job.run.dir).resolve()
+    run = RunFolder.of(job.run.dir)  # an object-storage run.dir is written locally, then uploaded
+    run_dir = run.local
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
     print(f"evaluate: {spec.package} on {spec.data_dir} ({spec.split}), strategies {', '.join(spec.strategies)}",
@@ -46,8 +49,9 @@ def run(job: JobConfig) -> int:
     results["package"] = package_info(spec.package)
     results["wandb_run_id"] = log_to_wandb(job, results, run_dir)
     write_results(results, run_dir)
+    run.push("config.yaml", RESULTS, OUTPUTS, "wandb")
     print_table(results)
-    print(f"results in {run_dir / RESULTS}")
+    print(f"results in {run.where(RESULTS)}")
     return 0
 
 
@@ -82,7 +86,8 @@ def check_package(path: str, key: str = "eval.package") -> Path:
     """A readable model package folder, or a one-line ConfigError naming `package`."""
     if not path:
         raise ConfigError(f"{key}: needs package=<model package folder> (e.g. runs/<run>/model)")
-    package = Path(path).resolve()
+    package = as_path(path)
+    package = package if is_remote(package) else package.resolve()  # a package may be in object storage
     try:
         read_model_config(package)
     except PackageError as err:
@@ -101,9 +106,9 @@ def data_for(package: Path, data_dir: str) -> str:
     if not config.is_file():
         raise ConfigError(f"data.dir: cannot tell which data {package} was trained on (no {config}); "
                           "pass data.dir=<prepared folder>")
-    found = load_job_config(config).data.dir
+    found = load_job_config(local_copy(config)).data.dir
     expected = read_lineage(package).data_manifest_sha256
-    manifest = Path(found) / "manifest.json"
+    manifest = as_path(found) / "manifest.json"
     if expected and manifest.is_file() and sha256_file(manifest) != expected:
         print(f"evaluate: warning: {manifest} changed since {package} was trained", file=sys.stderr)
     return found
@@ -121,7 +126,7 @@ def check_pairs(data_dir: str, split: str, package: Path) -> None:
         raise ConfigError(f"eval.split: {manifest.path} has no samples in split {split!r} "
                           f"(splits: {', '.join(k for k, v in splits.items() if v.get('num_samples'))})")
     try:
-        check_compatible(package, tokenizer_json=manifest.tokenizer_path, vocab_size=manifest.vocab_size)
+        check_compatible(package, tokenizer_json=manifest.local_tokenizer_path(), vocab_size=manifest.vocab_size)
     except PackageError as err:
         raise ConfigError(f"data.dir: {err} (prepare the pairs with data.tokenizer={package}/tokenizer.json)") from None
 
@@ -136,7 +141,7 @@ def strategies(job: JobConfig) -> dict[str, DecodingConfig]:
 # --- outputs ---------------------------------------------------------------------------
 
 def package_info(package: str) -> dict:
-    path = Path(package)
+    path = as_path(package)
     return {"path": str(path), "model_sha256": sha256_file(path / "model.safetensors"),
             "arch": read_model_config(path).arch, "lineage": read_lineage(path).__dict__}
 

@@ -28,6 +28,7 @@ from typing import Any
 import ray
 import torch
 
+from data_pipeline.storage import as_path, local_copy
 from data_pipeline import EOS_ID, Manifest, ShardStream, decode as decode_text, load_tokenizer
 from trainers.decoding import DecodingConfig, Hypothesis, decode
 from trainers.export import export_package
@@ -123,7 +124,7 @@ class Evaluator:
 
     def __init__(self, spec: EvalSpec, *, device: str = "cpu"):
         self.spec, self.device = spec, torch.device(device)
-        self.tokenizer = load_tokenizer(spec.tokenizer or Path(spec.package) / TOKENIZER)
+        self.tokenizer = load_tokenizer(local_copy(spec.tokenizer or as_path(spec.package) / TOKENIZER))
         if spec.package:
             self.model = load_package(spec.package).to(self.device)
         elif spec.model is not None:

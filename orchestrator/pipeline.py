@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cluster import ray_session
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobConfig, require_local
 from .lineage import Lineage, log_to_wandb, make_record
 from .pipeline_config import STAGES  # noqa: F401  (re-exported)
 
@@ -47,6 +47,7 @@ def stage_job(job: JobConfig, *, run_dir: Path, data_dir: Path, **changes) -> Jo
 
 
 def run(job: JobConfig) -> int:
+    require_local("run.dir", job.run.dir, "pipeline")
     f = folders(job)
     f.root.mkdir(parents=True, exist_ok=True)
     group = job.tracking.group or f"pipeline-{f.root.name}"

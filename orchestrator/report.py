@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobConfig, require_local
 
 
 def run(job: JobConfig) -> int:
+    require_local("run", job.run.dir, "report")
     folder = Path(job.run.dir)
     if not folder.is_dir():
         raise ConfigError(f"run: {folder} is not a folder")

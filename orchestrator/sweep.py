@@ -31,7 +31,7 @@ from ray import tune
 from data_pipeline import Manifest
 
 from .cluster import ray_session
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobConfig, require_local
 from .sweep_space import Domain, flatten, nest, num_trials, parse_space
 from .sweep_trial import AbortTrainingOnStop, TrialRecipe, run_trial, trial_job, trial_name
 from .train import failure_summary, preflight
@@ -88,6 +88,8 @@ def best_trial(sweep_dir: str | Path) -> dict:
 # --- checks, before Ray -------------------------------------------------------------------
 
 def plan_sweep(job: JobConfig) -> SweepPlan:
+    require_local("run.dir", job.run.dir, "sweep")
+    require_local("cluster.storage_path", job.cluster.storage_path, "sweep")
     job = absolute_paths(job)
     s = job.sweep
     run_dir = Path(job.run.dir)

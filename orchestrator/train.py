@@ -5,6 +5,11 @@
     seqfoundry pretrain ... resume=true              # continue after the driver died
     seqfoundry finetune pretrained=runs/p1/model data.dir=data/tiny run.dir=runs/f1
     seqfoundry export run.dir=runs/p1 [export.tag=step_00000100] [export.out=...]
+    seqfoundry pretrain data.dir=s3://bucket/data run.dir=s3://bucket/runs/p1   # object storage
+
+`run.dir`, `cluster.storage_path`, `data.dir` and `pretrained` may be
+object-storage URLs: Ray Train persists the checkpoints there itself, the
+run's files are written in a local mirror and uploaded (trainers.run_folder).
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data_pipeline import Manifest
+from data_pipeline.storage import as_path, is_remote, local_copy, url
 from trainers.engine import check_zero3
 from trainers.export import export_package
 from trainers.models import ModelConfig
 from trainers.package import Lineage, PackageError, check_compatible, read_model_config, sha256_file
+from trainers.run_folder import RunFolder
 
 from .checkpoint_eval import checkpoint_evaluation, plan_checkpoint_evaluation
 from .cluster import local_cpus, ray_session
@@ -39,13 +46,19 @@ class Plan:
     """What preflight established, before any Ray resource is requested."""
 
     mode: str
-    run_dir: Path
+    run: RunFolder
+    """`run.dir`, local or in object storage."""
     storage_path: str
     manifest: Manifest
     model: ModelConfig
     pretrained: str
     config_sha256: str
     has_checkpoint: bool
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this process writes the run's files (the run folder, or its local mirror)."""
+        return self.run.local
 
 
 def run_pretrain(job: JobConfig) -> int:
@@ -99,25 +112,44 @@ def preflight(job: JobConfig, *, mode: str) -> Plan:
         check_zero3(model.arch, job.deepspeed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    run_dir = Path(job.run.dir).resolve()
-    storage = job.cluster.storage_path or str(run_dir)
-    has_ckpt = any((Path(storage) / CHECKPOINTS).glob("step_*")) if "://" not in storage else job.resume
+    run = run_folder(job.run.dir)
+    storage = url(job.cluster.storage_path) if job.cluster.storage_path else run.location
+    has_ckpt = bool(list_checkpoints(storage))
     if has_ckpt and not job.resume:
-        raise ConfigError(f"run.dir: {run_dir} already holds a run with checkpoints; pass resume=true to continue "
-                          "it or choose another run.dir")
+        raise ConfigError(f"run.dir: {run.location} already holds a run with checkpoints; pass resume=true to "
+                          "continue it or choose another run.dir")
     if job.resume and not has_ckpt:
-        raise ConfigError(f"resume: {run_dir} has no checkpoint to resume from")
-    return Plan(mode, run_dir, storage, manifest, model, job.pretrained, config_sha256(job), has_ckpt)
+        raise ConfigError(f"resume: {run.location} has no checkpoint to resume from")
+    pretrained = url(job.pretrained) if job.pretrained else ""
+    return Plan(mode, run, storage, manifest, model, pretrained, config_sha256(job), has_ckpt)
+
+
+def run_folder(run_dir: str) -> RunFolder:
+    try:
+        return RunFolder.of(run_dir)
+    except ValueError as err:  # an object-storage scheme whose fsspec backend is not installed
+        raise ConfigError(f"run.dir: {err}") from None
+
+
+def list_checkpoints(storage: str) -> list[Path]:
+    """The run's checkpoint folders (`step_*`), oldest first, local or in object storage."""
+    root = as_path(storage) / CHECKPOINTS
+    try:
+        return sorted((p for p in root.iterdir() if p.name.startswith("step_")), key=lambda p: p.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def load_manifest(data_dir: str) -> Manifest:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise ConfigError(f"data.dir: {path} not found (run `seqfoundry prepare data.dir={data_dir}` first)")
     try:
+        path = as_path(data_dir) / "manifest.json"
+        if not path.is_file():
+            raise ConfigError(f"data.dir: {path} not found (run `seqfoundry prepare data.dir={data_dir}` first)")
         return Manifest.load(data_dir)
     except (ValueError, KeyError, OSError) as err:
-        raise ConfigError(f"data.dir: {path} is not a valid manifest ({' '.join(str(err).split())})") from err
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"data.dir: {data_dir}: not a readable manifest ({' '.join(str(err).split())})") from err
 
 
 def finetune_model_config(job: JobConfig, manifest: Manifest) -> ModelConfig:
@@ -126,8 +158,9 @@ def finetune_model_config(job: JobConfig, manifest: Manifest) -> ModelConfig:
         raise ConfigError("pretrained: finetune needs pretrained=<model package folder>")
     try:
         packaged = read_model_config(job.pretrained)
-        check_compatible(job.pretrained, tokenizer_json=manifest.tokenizer_path, vocab_size=manifest.vocab_size)
-    except PackageError as err:
+        check_compatible(job.pretrained, tokenizer_json=manifest.local_tokenizer_path(),
+                         vocab_size=manifest.vocab_size)
+    except (PackageError, OSError) as err:
         raise ConfigError(f"pretrained: {err}") from err
     return dataclasses.replace(packaged, dropout=job.model.dropout)
 
@@ -167,6 +200,8 @@ def config_sha256(job: JobConfig) -> str:
 def open_run_dir(job: JobConfig, plan: Plan) -> dict:
     """Create (or reopen on resume) the run folder: config.yaml and run.json with the W&B run id."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if plan.has_checkpoint:
+        plan.run.pull("run.json")  # a resume on another machine keeps the run's W&B run id
     info_path = plan.run_dir / "run.json"
     if plan.has_checkpoint and info_path.is_file():
         info = json.loads(info_path.read_text())
@@ -177,6 +212,7 @@ def open_run_dir(job: JobConfig, plan: Plan) -> dict:
                 data_manifest_sha256=sha256_file(plan.manifest.path))
     info_path.write_text(json.dumps(info, indent=2))
     (plan.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+    plan.run.push("run.json", "config.yaml")
     return info
 
 
@@ -196,7 +232,7 @@ def fit(job: JobConfig, plan: Plan, run_info: dict, *, callbacks: tuple = (), on
     t = job.trainer
     worker_job = WorkerJob(
         model=plan.model, trainer=t, deepspeed=job.deepspeed, data=job.data, objective=job.objective,
-        chaos=job.chaos, run_dir=str(plan.run_dir), pretrained=plan.pretrained,
+        chaos=job.chaos, run_dir=plan.run.location, pretrained=plan.pretrained,
         make_tracker=TrackerFactory(job, plan, run_info),
         checkpoint_root=f"{plan.storage_path}/{CHECKPOINTS}", on_checkpoint=on_checkpoint,
         extra={"wandb_run_id": run_info["wandb_run_id"], "config_sha256": plan.config_sha256})
@@ -222,53 +258,63 @@ class TrackerFactory:
 
     def __call__(self, *, resume_from_step: int) -> Tracker:
         config = OmegaConf.to_container(OmegaConf.structured(self.job))
-        return Tracker(self.job.tracking, run_dir=self.plan.run_dir, run_id=self.run_info["wandb_run_id"],
-                       name=self.plan.run_dir.name, config=config, resume_from_step=resume_from_step,
+        return Tracker(self.job.tracking, run_dir=self.plan.run.local, run_id=self.run_info["wandb_run_id"],
+                       name=run_name(self.plan.run), config=config, resume_from_step=resume_from_step,
                        job_type=self.plan.mode)
 
 
 # --- packages --------------------------------------------------------------------------
 
+def run_name(run: RunFolder) -> str:
+    """The W&B run name: the run folder's name (`s3://b/runs/p1` -> `p1`)."""
+    return run.location.rstrip("/").rsplit("/", 1)[-1]
+
+
 def latest_checkpoint(storage_path: str) -> Path:
-    found = sorted((Path(storage_path) / CHECKPOINTS).glob("step_*"))
+    found = list_checkpoints(storage_path)
     if not found:
-        raise ConfigError(f"run.dir: no checkpoint under {Path(storage_path) / CHECKPOINTS}")
+        raise ConfigError(f"run.dir: no checkpoint under {storage_path}/{CHECKPOINTS}")
     return found[-1]
 
 
 def write_final_package(plan: Plan, run_info: dict, *, checkpoint: Path | None = None,
-                        out: Path | None = None) -> Path:
-    """Consolidate a checkpoint (default: the latest) into `<run.dir>/model`."""
-    checkpoint = checkpoint or latest_checkpoint(plan.storage_path)
+                        out: str | Path | None = None) -> str:
+    """Consolidate a checkpoint (default: the latest) into `<run.dir>/model` (uploaded when run.dir is remote)."""
+    checkpoint = local_copy(checkpoint or latest_checkpoint(plan.storage_path))  # DeepSpeed reads local files
     tag = next(p.name for p in checkpoint.iterdir() if p.is_dir() and p.name.startswith("step_"))
     lineage = Lineage(
-        parent_package=str(Path(plan.pretrained).resolve()) if plan.pretrained else None,
-        parent_sha256=sha256_file(Path(plan.pretrained) / "model.safetensors") if plan.pretrained else None,
+        parent_package=plan.pretrained or None,
+        parent_sha256=sha256_file(as_path(plan.pretrained) / "model.safetensors") if plan.pretrained else None,
         data_manifest_sha256=sha256_file(plan.manifest.path), config_sha256=plan.config_sha256,
         wandb_run_id=run_info["wandb_run_id"], step=int(tag.split("_")[1]))
-    return export_package(checkpoint, out or plan.run_dir / "model", model_cfg=plan.model,
-                          tokenizer=plan.manifest.tokenizer_path, lineage=lineage, tag=tag)
+    target = url(out) if out else plan.run.where("model")
+    local_out = RunFolder(target).local
+    export_package(checkpoint, local_out, model_cfg=plan.model, tokenizer=plan.manifest.local_tokenizer_path(),
+                   lineage=lineage, tag=tag)
+    RunFolder(target).push_all()
+    return target
 
 
 def run_export(job: JobConfig) -> int:
-    """Write the model package of any checkpoint of the run in `run.dir`."""
-    run_dir = Path(job.run.dir).resolve()
-    info_path, config_path = run_dir / "run.json", run_dir / "config.yaml"
+    """Write the model package of any checkpoint of the run in `run.dir` (local or object storage)."""
+    run = run_folder(job.run.dir)
+    run.local.mkdir(parents=True, exist_ok=True)
+    run.pull("run.json", "config.yaml")
+    info_path, config_path = run.local / "run.json", run.local / "config.yaml"
     if not info_path.is_file() or not config_path.is_file():
-        raise ConfigError(f"run.dir: {run_dir} is not a training run folder (no run.json/config.yaml)")
+        raise ConfigError(f"run.dir: {run.location} is not a training run folder (no run.json/config.yaml)")
     from .config import load_job_config
 
     saved = load_job_config(config_path)
     info = json.loads(info_path.read_text())
     manifest = load_manifest(saved.data.dir)
     model = read_model_config(saved.pretrained) if saved.pretrained else saved.model
-    storage = saved.cluster.storage_path or str(run_dir)
-    checkpoint = Path(storage) / CHECKPOINTS / job.export.tag if job.export.tag else latest_checkpoint(storage)
+    storage = url(saved.cluster.storage_path) if saved.cluster.storage_path else run.location
+    checkpoint = as_path(storage) / CHECKPOINTS / job.export.tag if job.export.tag else latest_checkpoint(storage)
     if not checkpoint.is_dir():
         raise ConfigError(f"export.tag: {checkpoint} not found")
-    plan = Plan(info.get("mode", "pretrain"), run_dir, storage, manifest,
+    plan = Plan(info.get("mode", "pretrain"), run, storage, manifest,
                 dataclasses.replace(model, dropout=saved.model.dropout), saved.pretrained,
                 info.get("config_sha256", ""), True)
-    out = Path(job.export.out) if job.export.out else run_dir / "model"
-    print(f"export: {write_final_package(plan, info, checkpoint=checkpoint, out=out)}")
+    print(f"export: {write_final_package(plan, info, checkpoint=checkpoint, out=job.export.out or None)}")
     return 0

@@ -32,6 +32,7 @@ from .config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from .engine import build_engine
 from .models import ModelConfig, Seq2SeqModel, build_model
 from .package import load_package
+from .run_folder import RunFolder
 from .throughput import StepTimer, device_peak_flops
 
 
@@ -46,6 +47,7 @@ class WorkerJob:
     objective: ObjectiveConfig
     chaos: ChaosConfig
     run_dir: str
+    """`run.dir`: a local path or an object-storage URL (worked on through a local mirror, see run_folder)."""
     pretrained: str = ""
     """Model package whose weights initialise the model (fine-tuning)."""
     peak_flops: float = 0.0
@@ -62,7 +64,8 @@ class WorkerJob:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config={"job": WorkerJob})`."""
     job: WorkerJob = config["job"]
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.trainer.use_gpu else "cpu")
+    # The trainer decides, not the environment the driver passed on (ray_session defaults it to cpu).
+    os.environ["DS_ACCELERATOR"] = "cuda" if job.trainer.use_gpu else "cpu"
     # DeepSpeed calls torch.distributed's deprecated collectives every step: keep the console readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import ray.train
@@ -75,6 +78,8 @@ class Worker:
     def __init__(self, job: WorkerJob, *, rank: int, world_size: int):
         self.job, self.rank, self.world_size = job, rank, world_size
         self.cfg = job.trainer
+        self.run_folder = RunFolder(job.run_dir)
+        self.run_folder.local.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(self.cfg.cpus_per_worker)
         self.on_gpu = self.cfg.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
@@ -120,10 +125,14 @@ class Worker:
             ckpt.seed_everything(self.cfg.seed + 1000 * self.rank + self.state.step)
 
     def universal_copy(self, folder: str) -> Path:
-        out = Path(self.job.run_dir) / "universal" / Path(folder).name
+        name = f"universal/{Path(folder).name}"
+        out = self.run_folder.local / name
         if self.rank == 0:
             ckpt.to_universal(folder, out)
+            self.run_folder.push(name)  # ranks on other nodes read it from the remote run folder
         dist.barrier()
+        if not (out / "latest").is_file():
+            self.run_folder.pull(name)
         return out
 
     def record_placement(self) -> None:
@@ -137,7 +146,8 @@ class Worker:
             ranks = [None] * self.world_size
             dist.all_gather_object(ranks, me)
         if self.rank == 0:
-            Path(self.job.run_dir, "workers.json").write_text(json.dumps(ranks, indent=2) + "\n")
+            (self.run_folder.local / "workers.json").write_text(json.dumps(ranks, indent=2) + "\n")
+            self.run_folder.push("workers.json")
 
     # --- the loop --------------------------------------------------------------
 
@@ -152,6 +162,8 @@ class Worker:
             if folder:
                 self.restore(folder)
         self.record_placement()
+        if self.rank == 0:
+            self.run_folder.pull(*RANK0_FILES)  # a resume on another machine continues the run's own files
         self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
         if self.tracker:
             self.tracker.summary({"parameters": self.num_parameters, "world_size": self.world_size,
@@ -169,6 +181,7 @@ class Worker:
         self.save_checkpoint(final=True)
         if self.tracker:
             self.tracker.finish()
+            self.run_folder.push(*RANK0_FILES, "wandb")
 
     def train_step(self, batches: Iterator[Batch], timer: StepTimer) -> tuple[float, int]:
         """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
@@ -281,21 +294,26 @@ class Worker:
             tag = ckpt.save(self.engine, folder, self.state, rank=self.rank)
             metrics = {"step": self.state.step, "tag": tag, "final": final}
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=tag)
+        if self.rank == 0:
+            self.run_folder.push(*RANK0_FILES)
         if self.rank == 0 and self.job.on_checkpoint is not None:
-            self.job.on_checkpoint(step=self.state.step, path=str(Path(self.job.checkpoint_root) / tag))
+            self.job.on_checkpoint(step=self.state.step, path=f"{self.job.checkpoint_root}/{tag}")
 
     def maybe_fail(self) -> None:
         """`chaos.fail_at_step`: SIGKILL this worker once (a marker file remembers it fired)."""
         chaos = self.job.chaos
         if not chaos.fail_at_step or self.state.step != chaos.fail_at_step or self.rank != chaos.fail_rank:
             return
-        marker = Path(self.job.run_dir) / ".chaos_fired"
+        marker = self.run_folder.local / ".chaos_fired"
         if marker.exists():
             return
         marker.write_text(f"killed rank {self.rank} after step {self.state.step}\n")
         console(f"chaos: killing rank {self.rank} (pid {os.getpid()}) after step {self.state.step}")
         os.kill(os.getpid(), signal.SIGKILL)
 
+
+RANK0_FILES = ("metrics.jsonl", "workers.json")
+"""Files rank 0 writes into the run folder (pushed at every checkpoint when run.dir is remote)."""
 
 FROZEN_PREFIXES = {
     "none": (),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from data_pipeline.shards import sha256_file
+from data_pipeline.storage import as_path, local_copy, sha256_file
 
 from .models import ModelConfig, Seq2SeqModel, build_model
 
@@ -70,7 +70,7 @@ def write_package(out_dir: str | Path, model: Seq2SeqModel, *, tokenizer: str | 
 
 
 def read_model_config(package: str | Path) -> ModelConfig:
-    path = Path(package) / CONFIG
+    path = as_path(package) / CONFIG
     if not path.is_file():
         raise PackageError(f"{path}: not found (is {package} a model package?)")
     try:
@@ -80,16 +80,20 @@ def read_model_config(package: str | Path) -> ModelConfig:
 
 
 def read_lineage(package: str | Path) -> Lineage:
-    path = Path(package) / LINEAGE
+    path = as_path(package) / LINEAGE
     return Lineage(**json.loads(path.read_text())) if path.is_file() else Lineage()
 
 
 def load_package(package: str | Path, *, map_location: str = "cpu") -> Seq2SeqModel:
-    """Build the packaged model and load its fp32 weights (safetensors only), in eval mode."""
+    """Build the packaged model and load its fp32 weights (safetensors only), in eval mode.
+
+    `package` may be an object-storage URL: the weights are read from a local copy.
+    """
     cfg = read_model_config(package)
-    weights = Path(package) / WEIGHTS
+    weights = as_path(package) / WEIGHTS
     if not weights.is_file():
         raise PackageError(f"{weights}: not found")
+    weights = local_copy(weights)
     model = build_model(cfg)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=map_location)
@@ -101,7 +105,7 @@ def load_package(package: str | Path, *, map_location: str = "cpu") -> Seq2SeqMo
 
 
 def tokenizer_sha256(package: str | Path) -> str:
-    path = Path(package) / TOKENIZER
+    path = as_path(package) / TOKENIZER
     if not path.is_file():
         raise PackageError(f"{path}: not found")
     return sha256_file(path)
@@ -114,7 +118,7 @@ def check_compatible(package: str | Path, *, tokenizer_json: str | Path, vocab_s
         raise PackageError(f"{package}: model vocab_size {cfg.vocab_size} != data tokenizer's {vocab_size} "
                            f"({tokenizer_json})")
     if tokenizer_sha256(package) != sha256_file(tokenizer_json):
-        raise PackageError(f"{Path(package) / TOKENIZER}: differs from the data's tokenizer {tokenizer_json}")
+        raise PackageError(f"{as_path(package) / TOKENIZER}: differs from the data's tokenizer {tokenizer_json}")
 
 
 def state_dict_for(model: Seq2SeqModel) -> dict[str, torch.Tensor]:

@@ -1,0 +1,200 @@
+"""Object storage (issue 6): prepare to S3, stream from S3, checkpoint to S3, resume from S3.
+
+A real S3-compatible server (moto) runs on loopback for the session; s3fs,
+pyarrow (Ray Train's storage) and the Ray workers all reach it through
+`AWS_ENDPOINT_URL`. The local cache (`SEQFOUNDRY_CACHE`) is wiped between
+runs, so a resume sees only what the bucket holds, as on another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline import CorruptShardWarning, Manifest, ShardStream
+from data_pipeline.shards import read_shard
+from data_pipeline.storage import as_path
+from orchestrator.cli import main
+from tests.helpers.data import prepare_tiny
+from trainers.package import load_package, read_lineage
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+
+def keys(stream) -> list[str]:
+    return [s["__key__"] for s in stream]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]
+
+
+# --- data: prepare to S3, stream from S3 ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_and_s3_data(s3_bucket, tmp_path_factory) -> tuple[Path, str]:
+    local = prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
+    remote = f"{s3_bucket}/data/tiny"
+    prepare_tiny(remote)
+    return local, remote
+
+
+def test_prepare_to_s3_writes_the_same_dataset(local_and_s3_data):
+    local, remote = local_and_s3_data
+    here, there = Manifest.load(local), Manifest.load(remote)
+    assert there.is_remote and str(there.path) == f"{remote}/manifest.json"
+    assert there.data["fingerprint"] == here.data["fingerprint"]
+    assert [s["sha256"] for s in there.data["shards"]] == [s["sha256"] for s in here.data["shards"]]
+    assert sorted(p.name for p in as_path(remote).iterdir()) == ["manifest.json", "shards", "tokenizer.json"]
+    assert there.local_tokenizer_path().read_bytes() == here.tokenizer_path.read_bytes()
+
+
+def test_prepare_to_s3_again_reuses_the_intact_dataset(local_and_s3_data, capsys):
+    _, remote = local_and_s3_data
+    before = as_path(f"{remote}/manifest.json").stat().st_mtime
+    prepare_tiny(remote)
+    assert "up to date" in capsys.readouterr().err
+    assert as_path(f"{remote}/manifest.json").stat().st_mtime == before
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_stream_from_s3_equals_stream_from_disk(local_and_s3_data, world_size):
+    local, remote = local_and_s3_data
+    for rank in range(world_size):
+        a = ShardStream(remote, rank=rank, world_size=world_size, seed=3, split="train")
+        b = ShardStream(local, rank=rank, world_size=world_size, seed=3, split="train")
+        assert keys(a) == keys(b) and len(keys(a)) > 0
+
+
+def test_stream_resumes_from_a_state_over_s3(local_and_s3_data):
+    _, remote = local_and_s3_data
+    full = keys(ShardStream(remote, rank=0, world_size=1, seed=5, split="train"))
+    first = ShardStream(remote, rank=0, world_size=1, seed=5, split="train")
+    it = iter(first)
+    head = [next(it)["__key__"] for _ in range(7)]
+    resumed = ShardStream(remote, rank=0, world_size=1, seed=5, split="train")
+    resumed.load_state_dict(first.state_dict(consumed=7))
+    assert head + keys(resumed) == full
+
+
+def test_altered_and_missing_shards_in_s3_are_skipped_and_counted(s3_bucket, tmp_path):
+    remote = f"{s3_bucket}/data/damaged"
+    prepare_tiny(remote)
+    shards = Manifest.load(remote).shards("train")
+    assert len(shards) >= 3
+    altered, missing = shards[0].path, shards[1].path
+    bad_keys = {s["__key__"] for info in shards[:2] for s in read_shard(info.path, expect_samples=info.samples)}
+    data = bytearray(altered.read_bytes())
+    data[700] ^= 0xFF  # same size: only the sha256 (checked as the shard is read) can tell
+    altered.write_bytes(bytes(data))
+    missing.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream = ShardStream(remote, rank=0, world_size=1, seed=0, split="train")
+        seen = keys(stream)
+    assert stream.num_bad_shards == 2
+    messages = " ".join(str(w.message) for w in caught if issubclass(w.category, CorruptShardWarning))
+    assert f"{missing}: missing" in messages and f"{altered}: sha256 differs" in messages
+    assert seen and not bad_keys & set(seen)
+
+
+# --- training: checkpoints to S3, resume from S3 -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_bucket, tmp_path_factory):
+    """A local Ray cluster whose workers inherit the S3 endpoint and a cache folder this module can wipe."""
+    import ray
+
+    cache = tmp_path_factory.mktemp("cache")
+    saved = os.environ.get("SEQFOUNDRY_CACHE")
+    os.environ["SEQFOUNDRY_CACHE"] = str(cache)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield cache
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("SEQFOUNDRY_CACHE", None)
+    else:
+        os.environ["SEQFOUNDRY_CACHE"] = saved
+
+
+def wipe(cache: Path) -> None:
+    """Forget every local copy: the next command sees only the bucket, as on a fresh machine."""
+    shutil.rmtree(cache)
+    cache.mkdir()
+
+
+def pretrain(data: str, run: str, *extra: str) -> int:
+    return main(["pretrain", "experiment=tiny", f"data.dir={data}", f"run.dir={run}", "trainer.num_workers=2",
+                 "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.warmup_steps=1",
+                 "data.num_workers=0", *extra])
+
+
+def test_pretrain_checkpoints_to_s3_and_resumes_from_s3_on_a_fresh_machine(ray_with_s3, local_and_s3_data,
+                                                                          s3_bucket, capsys):
+    _, data = local_and_s3_data
+    run = f"{s3_bucket}/runs/p1"
+    # A run that dies after step 4 (a worker is killed and no restart is allowed): the bucket keeps it.
+    assert pretrain(data, run, "trainer.max_steps=6", "chaos.fail_at_step=4", "trainer.max_failures=0") == 1
+    assert "checkpoints kept in s3://" in capsys.readouterr().err
+    root = as_path(run)
+    assert sorted(p.name for p in (root / "checkpoints").iterdir() if p.name.startswith("step_")) == \
+        ["step_00000002", "step_00000004"]
+    assert {"config.yaml", "run.json", "metrics.jsonl", "workers.json"} <= {p.name for p in root.iterdir()}
+    first_id = json.loads((root / "run.json").read_text())["wandb_run_id"]
+
+    wipe(ray_with_s3)  # another machine: nothing local survives
+    assert pretrain(data, run, "trainer.max_steps=6", "resume=true") == 0
+    info = json.loads((root / "run.json").read_text())
+    assert info["wandb_run_id"] == first_id and info["resumed"] == 1
+    steps = [m["step"] for m in read_jsonl(root / "metrics.jsonl") if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the steps before the resume came back from the bucket
+    assert {"model", "wandb"} <= {p.name for p in root.iterdir()}
+    assert read_lineage(f"{run}/model").step == 6 and read_lineage(f"{run}/model").wandb_run_id == first_id
+    resumed = load_package(f"{run}/model")
+
+    # The same 6 steps without the interruption give the same weights (to rounding, see test_train).
+    straight = f"{s3_bucket}/runs/straight"
+    assert pretrain(data, straight, "trainer.max_steps=6") == 0
+    for (name, a), b in zip(resumed.state_dict().items(), load_package(f"{straight}/model").state_dict().values()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-3, msg=name)
+
+    wipe(ray_with_s3)
+    kept = sorted(p.name for p in (root / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_00000004", "step_00000006"]  # trainer.keep_last=2, in the bucket too
+    assert main(["export", f"run.dir={run}", "export.tag=step_00000004", f"export.out={s3_bucket}/exports/p1"]) == 0
+    assert read_lineage(f"{s3_bucket}/exports/p1").step == 4
+
+
+def test_finetune_and_evaluate_a_package_in_s3(ray_with_s3, local_and_s3_data, s3_bucket):
+    _, data = local_and_s3_data
+    package = f"{s3_bucket}/runs/p1/model"
+    if not as_path(package).is_dir():
+        pytest.skip("needs the pretraining test's package")
+    run = f"{s3_bucket}/runs/f1"
+    assert main(["finetune", "experiment=tiny", f"pretrained={package}", f"data.dir={data}", f"run.dir={run}",
+                 "trainer.num_workers=1", "trainer.max_steps=2", "trainer.checkpoint_every=100",
+                 "data.num_workers=0"]) == 0
+    assert read_lineage(f"{run}/model").parent_package == package
+
+    # Evaluate the fine-tuned package straight from the bucket, results back into it.
+    out = f"{s3_bucket}/evals/f1"
+    assert main(["evaluate", f"package={run}/model", "data.dir=@package", f"run.dir={out}", "eval.max_samples=8",
+                 "eval.strategies=[greedy]"]) == 0
+    results = json.loads(as_path(f"{out}/eval_results.json").read_text())
+    assert results["package"]["path"] == f"{run}/model"
+    assert results["counts"]["samples"] == 8 and "greedy" in results["strategies"]
+    assert len(read_jsonl(f"{out}/eval_outputs.jsonl")) == 8
+
+
+def test_a_missing_bucket_path_is_one_line_naming_data_dir(s3_bucket, tmp_path, capsys):
+    code = main(["pretrain", "experiment=tiny", f"data.dir={s3_bucket}/no/such/data", f"run.dir={tmp_path}/r"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.dir" in err[0] and f"{s3_bucket}/no/such/data" in err[0]
