@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 
 from .config import DataConfig
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
-from .storage import as_path, is_remote, mirror_dir, remove_tree, upload
+from .storage import as_path, check_writable, is_remote, mirror_dir, remove_tree, upload
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
 from .sources import (SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate,
                       expand_sources, file_documents, split_documents)
@@ -66,7 +66,7 @@ def prepare(cfg: DataConfig, *, progress: bool = True, use_ray: bool = True) -> 
 
 def plan(cfg: DataConfig) -> Plan:
     """Read the corpus and check the target; raises ValueError naming the `data.*` key."""
-    folder = as_path(cfg.dir)
+    folder = target_folder(cfg.dir)
     if cfg.tokenizer:
         reused_tokenizer(cfg.tokenizer)
     docs = collect_documents(cfg)
@@ -76,6 +76,17 @@ def plan(cfg: DataConfig) -> Plan:
     source = describe_source(cfg)
     digest = fingerprint(cfg, splits, source)
     return Plan(cfg, folder, splits, source, digest, up_to_date=check_target(folder, digest, cfg.overwrite))
+
+
+def target_folder(data_dir: str) -> Path:
+    """`data.dir` as a path; a bucket URL must be writable now (ValueError naming `data.dir`)."""
+    try:
+        folder = as_path(data_dir)
+        if is_remote(folder):
+            check_writable(folder)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"data.dir: {err}") from None
+    return folder
 
 
 def collect_documents(cfg: DataConfig) -> list[Document]:

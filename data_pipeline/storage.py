@@ -46,10 +46,26 @@ def as_path(path: str | os.PathLike) -> Path:
         from upath import UPath
 
         # Listings are not cached: checkpoints, run files and shards change while a process runs.
-        return UPath(text, use_listings_cache=False)
-    except ImportError as err:  # the fsspec backend of the scheme (s3fs, gcsfs) is missing
-        raise ValueError(f"{text}: {err} (install seqfoundry's 'cloud' extra: pip install 'seqfoundry[cloud]')") \
-            from None
+        remote = UPath(text, use_listings_cache=False)
+        remote.fs  # noqa: B018  (the filesystem is made lazily: fail here, not in the middle of a job)
+        return remote
+    except ImportError as err:  # universal_pathlib or the scheme's fsspec backend (s3fs, gcsfs) is missing
+        raise ValueError(f"{text}: {err} (pip install 'seqfoundry[cloud]')") from None
+    except ValueError as err:  # an unknown scheme
+        raise ValueError(f"{text}: {' '.join(str(err).split())}") from None
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Write and delete a small object under `path`: a missing bucket or missing rights fail now (OSError),
+    before hours of work that would end in an upload."""
+    probe = as_path(path) / ".seqfoundry-write-test"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except Exception as err:  # s3fs/gcsfs map most errors to OSError, but credential errors are their own
+        if isinstance(err, OSError):
+            raise OSError(f"cannot write to {path}: {err.strerror or err}") from None
+        raise OSError(f"cannot write to {path}: {type(err).__name__}: {err}") from None
 
 
 def url(path: str | os.PathLike) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data_pipeline import Manifest
-from data_pipeline.storage import as_path, is_remote, local_copy, url
+from data_pipeline.storage import as_path, check_writable, local_copy, url
 from trainers.engine import check_zero3
 from trainers.export import export_package
 from trainers.models import ModelConfig
@@ -112,8 +112,9 @@ def preflight(job: JobConfig, *, mode: str) -> Plan:
         check_zero3(model.arch, job.deepspeed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    run = run_folder(job.run.dir)
-    storage = url(job.cluster.storage_path) if job.cluster.storage_path else run.location
+    run = run_folder(job.run.dir, writable=True)
+    storage = (run_folder(job.cluster.storage_path, key="cluster.storage_path", writable=True).location
+               if job.cluster.storage_path else run.location)
     has_ckpt = bool(list_checkpoints(storage))
     if has_ckpt and not job.resume:
         raise ConfigError(f"run.dir: {run.location} already holds a run with checkpoints; pass resume=true to "
@@ -124,11 +125,15 @@ def preflight(job: JobConfig, *, mode: str) -> Plan:
     return Plan(mode, run, storage, manifest, model, pretrained, config_sha256(job), has_ckpt)
 
 
-def run_folder(run_dir: str) -> RunFolder:
+def run_folder(run_dir: str, *, key: str = "run.dir", writable: bool = False) -> RunFolder:
+    """`run.dir` (or another folder key) as a RunFolder; a bucket URL is checked for access now."""
     try:
-        return RunFolder.of(run_dir)
-    except ValueError as err:  # an object-storage scheme whose fsspec backend is not installed
-        raise ConfigError(f"run.dir: {err}") from None
+        run = RunFolder.of(run_dir)
+        if writable and run.remote:
+            check_writable(run.location)
+        return run
+    except (ValueError, OSError) as err:  # no fsspec backend for the scheme, no bucket, no rights
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def list_checkpoints(storage: str) -> list[Path]:
@@ -160,7 +165,7 @@ def finetune_model_config(job: JobConfig, manifest: Manifest) -> ModelConfig:
         packaged = read_model_config(job.pretrained)
         check_compatible(job.pretrained, tokenizer_json=manifest.local_tokenizer_path(),
                          vocab_size=manifest.vocab_size)
-    except (PackageError, OSError) as err:
+    except (ValueError, OSError) as err:  # PackageError is a ValueError
         raise ConfigError(f"pretrained: {err}") from err
     return dataclasses.replace(packaged, dropout=job.model.dropout)
 

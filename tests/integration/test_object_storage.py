@@ -198,3 +198,32 @@ def test_a_missing_bucket_path_is_one_line_naming_data_dir(s3_bucket, tmp_path, 
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.dir" in err[0] and f"{s3_bucket}/no/such/data" in err[0]
+
+
+@pytest.mark.parametrize("command, key", [
+    (["prepare", "experiment=tiny", "data.dir=s3://no-such-bucket/data"], "data.dir"),
+    (["pretrain", "experiment=tiny", "DATA", "run.dir=s3://no-such-bucket/runs/r"], "run.dir"),
+    (["pretrain", "experiment=tiny", "DATA", "RUN", "cluster.storage_path=s3://no-such-bucket/c"],
+     "cluster.storage_path"),
+])
+def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(command, key, local_and_s3_data, tmp_path,
+                                                                   capsys):
+    _, data = local_and_s3_data
+    args = [{"DATA": f"data.dir={data}", "RUN": f"run.dir={tmp_path}/r"}.get(a, a) for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"seqfoundry {command[0]}: error: {key}: ")
+    assert "no-such-bucket" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_scheme_without_its_filesystem_is_one_line(capsys):
+    pytest.importorskip("upath")
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed")
+    except ImportError:
+        pass
+    assert main(["prepare", "experiment=tiny", "data.dir=gs://bucket/data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.dir: gs://bucket/data" in err[0] and "gcsfs" in err[0]
