@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import secrets
 import string
 import time
@@ -88,6 +89,9 @@ class Tracker:
         if cfg.resolved_mode() != "disabled":
             self.wandb = init_resumable(cfg, run_dir=self.run_dir, run_id=run_id, name=name, config=config,
                                         job_type=job_type)
+            if getattr(self.wandb, "url", None):  # online: say where to watch it (sys.stdout: see loop.console)
+                sys.stdout.write(f"W&B run: {self.wandb.url}\n")
+                sys.stdout.flush()
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old lines."""

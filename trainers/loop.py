@@ -181,7 +181,7 @@ class Worker:
         self.save_checkpoint(final=True)
         if self.tracker:
             self.tracker.finish()
-            self.run_folder.push(*RANK0_FILES, "wandb")
+            self.run_folder.push(*RANK0_FILES)
 
     def train_step(self, batches: Iterator[Batch], timer: StepTimer) -> tuple[float, int]:
         """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
@@ -312,8 +312,9 @@ class Worker:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-RANK0_FILES = ("metrics.jsonl", "workers.json")
-"""Files rank 0 writes into the run folder (pushed at every checkpoint when run.dir is remote)."""
+RANK0_FILES = ("metrics.jsonl", "workers.json", "wandb")
+"""What rank 0 writes into the run folder (pushed at every checkpoint when run.dir is remote, so that the
+offline W&B runs of a machine that dies are in the bucket too)."""
 
 FROZEN_PREFIXES = {
     "none": (),

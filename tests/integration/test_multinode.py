@@ -162,8 +162,12 @@ def wait_until(check, *, timeout: float, what: str, cluster: Cluster | None = No
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head (dashboard, Jobs API) and a worker node on loopback, token authentication on."""
+def cluster(s3_bucket, tmp_path_factory):
+    """A head (dashboard, Jobs API) and a worker node on loopback, token authentication on.
+
+    Both nodes reach the session's local S3 server (AWS_* variables) and each has its own
+    SEQFOUNDRY_CACHE, as two machines would.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the job's `python`
@@ -172,12 +176,14 @@ def cluster():
     nodes: list[RayNode] = []
     try:
         head = RayNode.start(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                              f"--dashboard-port={dash}", f"--ray-client-server-port={client}"], env=env, name="h")
+                              f"--dashboard-port={dash}", f"--ray-client-server-port={client}"],
+                             env=dict(env, SEQFOUNDRY_CACHE=str(tmp_path_factory.mktemp("head_cache"))), name="h")
         nodes.append(head)
         url = f"http://127.0.0.1:{dash}"
         probe = Cluster(head, head, url, env)
         wait_until(lambda: len(probe.alive_nodes()) == 1, timeout=180, what="the head node", cluster=probe)
-        worker = RayNode.start([f"--address=127.0.0.1:{gcs}"], env=env, name="w")
+        worker = RayNode.start([f"--address=127.0.0.1:{gcs}"],
+                               env=dict(env, SEQFOUNDRY_CACHE=str(tmp_path_factory.mktemp("worker_cache"))), name="w")
         nodes.append(worker)
         c = Cluster(head, worker, url, env)
         wait_until(lambda: len(c.alive_nodes()) == 2, timeout=180, what="2 alive nodes", cluster=c)
@@ -249,3 +255,28 @@ def test_pretraining_job_spreads_its_workers_over_two_nodes(cluster, tmp_path):
     assert "step 4/4" in follow.stdout
     listed = seqfoundry(cluster, "jobs", "list", *address)
     assert any(job_id in line and "SUCCEEDED" in line for line in listed.stdout.splitlines()), listed.stdout
+
+
+def test_a_job_on_two_nodes_keeps_its_data_checkpoints_and_package_in_a_bucket(cluster, s3_bucket):
+    """Issue 6's cluster path: nothing shared but an S3 bucket (a local server); each node its own cache."""
+    data, run = f"{s3_bucket}/mn/data", f"{s3_bucket}/mn/run"
+    job = to_typed(compose_config(["experiment=tiny", f"data.dir={data}"]))
+    from data_pipeline import prepare
+    from data_pipeline.storage import as_path
+
+    prepare(job.data, progress=False, use_ray=False)
+    address = ["--address", cluster.dashboard]
+    sub = seqfoundry(cluster, "submit", *address, "--", "pretrain", "experiment=tiny", f"data.dir={data}",
+                     f"run.dir={run}", "trainer.num_workers=2", "trainer.placement_strategy=STRICT_SPREAD",
+                     "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.log_every=1",
+                     "trainer.warmup_steps=1", "trainer.val_batches=1", "data.num_workers=0", timeout=600)
+    assert sub.returncode == 0, f"{sub.stdout[-5000:]}\n{sub.stderr[-2000:]}\n{cluster.logs()}"
+    root = as_path(run)
+    workers = json.loads((root / "workers.json").read_text())
+    assert {w["node_id"] for w in workers} == {n["node_id"] for n in cluster.alive_nodes()}
+    assert sorted(p.name for p in (root / "checkpoints").iterdir() if p.name.startswith("step_")) == \
+        ["step_00000002", "step_00000004"]
+    metrics = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    assert json.loads((root / "model" / "lineage.json").read_text())["step"] == 4
+    assert any(p.name.startswith("offline-run-") for p in (root / "wandb").iterdir())

@@ -19,9 +19,10 @@ import torch
 
 from data_pipeline import CorruptShardWarning, Manifest, ShardStream
 from data_pipeline.shards import read_shard
-from data_pipeline.storage import as_path
+from data_pipeline.storage import as_path, download_tree
 from orchestrator.cli import main
 from tests.helpers.data import prepare_tiny
+from tests.helpers.wandb_offline import history, run_ids
 from trainers.package import load_package, read_lineage
 
 pytest.importorskip("s3fs")
@@ -158,6 +159,11 @@ def test_pretrain_checkpoints_to_s3_and_resumes_from_s3_on_a_fresh_machine(ray_w
     assert {"model", "wandb"} <= {p.name for p in root.iterdir()}
     assert read_lineage(f"{run}/model").step == 6 and read_lineage(f"{run}/model").wandb_run_id == first_id
     resumed = load_package(f"{run}/model")
+    wandb_copy = ray_with_s3.parent / "wandb_copy"
+    download_tree(root / "wandb", wandb_copy / "wandb")  # W&B offline runs of both machines, in the bucket
+    assert run_ids(wandb_copy) == {first_id}
+    logged = {row["_step"] for row in history(wandb_copy) if "loss" in row}
+    assert {5, 6} <= logged and min(logged) <= 4  # the killed machine's steps (as far as W&B flushed them) too
 
     # The same 6 steps without the interruption give the same weights (to rounding, see test_train).
     straight = f"{s3_bucket}/runs/straight"
