@@ -58,10 +58,16 @@ def weights(package: Path) -> dict[str, torch.Tensor]:
     return load_file(package / "model.safetensors")
 
 
-# --- every architecture x ZeRO stage --------------------------------------------------
+# --- architectures x ZeRO stages --------------------------------------------------------
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
-@pytest.mark.parametrize("arch", ["transformer", "lstm", "gru"])
+# Every stage with the Transformer; the RNNs (one code path for LSTM and GRU in the engine) with one
+# stage each of the two partitioning families (ZeRO-1/2: optimizer states and gradients), and ZeRO-3
+# refused for both. The full 3 x 4 grid cost CI four more minutes for no code path of its own.
+ARCH_BY_ZERO = [("transformer", 0), ("transformer", 1), ("transformer", 2), ("transformer", 3),
+                ("lstm", 0), ("lstm", 2), ("gru", 1), ("lstm", 3), ("gru", 3)]
+
+
+@pytest.mark.parametrize("arch, zero", ARCH_BY_ZERO)
 def test_arch_by_zero_stage_trains_or_is_refused(arch, zero, tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["pretrain", *base(tiny_data, run, f"model={arch}", f"deepspeed.zero_stage={zero}")])
@@ -145,7 +151,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(tiny_data, tmp_path):
     assert json.loads((killed / "model" / "lineage.json").read_text())["wandb_run_id"] == run_id
 
 
-@pytest.mark.parametrize("zero", [0, 1, 3])
+@pytest.mark.parametrize("zero", [1, 3])  # the two universal-checkpoint paths; ZeRO-0 re-splits only the data
 def test_resume_on_another_world_size_and_back(zero, tiny_data, tmp_path):
     run = tmp_path / "run"
     stage = f"deepspeed.zero_stage={zero}"
