@@ -26,8 +26,7 @@ from .eval_config import EvalConfig, GenerateConfig
 from .pipeline_config import PipelineConfig
 from .sweep_space import parse_space
 from .tracking import TrackingConfig
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from .conf_dir import CONF_DIR  # noqa: F401  (re-exported)
 
 
 class ConfigError(ValueError):

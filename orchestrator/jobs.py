@@ -28,11 +28,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .config import CONF_DIR, ConfigError, JobConfig
+from .config import ConfigError, JobConfig
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-PROJECT_ROOT = CONF_DIR.parent
-"""The folder uploaded as the job's working_dir: it holds conf/ and the packages, so the job imports them."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The folder uploaded as the job's working_dir: it holds conf/ and the packages, so the job imports them.
+Only a source checkout is uploaded; from a non-editable install the job runs the cluster's own seqfoundry."""
 EXCLUDES = (
     ".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", "wandb",
     "/data", "/runs", "/outputs", "*.tar", "*.safetensors",
@@ -128,6 +129,8 @@ def runtime_env(jobs: list[JobConfig], root: Path = PROJECT_ROOT) -> dict:
 
     Folders the job's own config points at are left out too when they lie inside the project.
     """
+    if not (root / "conf" / "config.yaml").is_file():  # an installed package, not a project folder
+        return {}
     excludes = list(EXCLUDES)
     for job in jobs:
         for value in (job.data.dir, job.run.dir, job.cluster.storage_path):

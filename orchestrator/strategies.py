@@ -20,7 +20,9 @@ from omegaconf import OmegaConf
 
 from trainers.decoding import DecodingConfig
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "decoding"
+from .conf_dir import CONF_DIR
+
+PRESET_DIR = CONF_DIR / "decoding"
 SHARED_KEYS = ("max_len", "max_len_a", "max_len_b", "min_len")
 """Keys every strategy takes from the job's `decoding` slice (an entry may still set them)."""
 

@@ -1,0 +1,168 @@
+"""The data slices of the job configuration: `data` (prepare, stream, batch) and `objective`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .order import REMAINDER_RULES
+from .sources import TASKS
+from .tokenizer import NAMED_SPECIALS, TOKENIZER_TYPES
+
+OVERLONG_POLICIES = ("truncate", "drop")
+VERIFY_MODES = ("sha256", "size")
+OBJECTIVES = ("bart", "t5", "pairs")
+BYTE_ALPHABET = 256
+
+
+@dataclass
+class BatchConfig:
+    max_tokens: int = 4096
+    """Token budget of a batch: batch size x padded length of its longest source or target."""
+    max_source_len: int = 512
+    """Longest source, eos included; longer ones are truncated or dropped (`overlong`)."""
+    max_target_len: int = 512
+    """Longest target, bos/eos included; longer ones are truncated or dropped (`overlong`)."""
+    overlong: str = "truncate"
+    """What happens to a sample over the length limits: `truncate` or `drop` (both are counted)."""
+    pad_multiple: int = 8
+    """Pad batch lengths up to a multiple of this (tensor-core friendly shapes)."""
+    pool_size: int = 1000
+    """Length bucketing: samples sorted by length together before they are cut into batches."""
+    max_sentences: int = 0
+    """Most samples in one batch; 0 = only the token budget limits it."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_tokens", "max_source_len", "max_target_len", "pad_multiple", "pool_size"):
+            _check(getattr(self, key) >= 1, f"batch.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.max_sentences >= 0, "batch.max_sentences", f"must be >= 0, got {self.max_sentences}")
+        _check(self.overlong in OVERLONG_POLICIES, "batch.overlong",
+               f"must be one of {OVERLONG_POLICIES}, got {self.overlong!r}")
+        longest = _round_up(max(self.max_source_len, self.max_target_len), self.pad_multiple)
+        _check(self.max_tokens >= longest, "batch.max_tokens",
+               f"must hold one sample of the longest allowed length ({longest} padded tokens), got {self.max_tokens}")
+
+
+@dataclass
+class DataConfig:
+    # --- what to prepare -----------------------------------------------------
+    dir: str = "data/builtin"
+    """Prepared-data folder: tokenizer.json, shards/*.tar and manifest.json."""
+    sources: list[str] = field(default_factory=list)
+    """Text files, globs or JSONL pair files to prepare; empty = the built-in corpus."""
+    task: str = "restore"
+    """Samples: `text` (clean text), `restore` (+ source without punctuation/casing) or `pairs` (JSONL src/tgt)."""
+    max_documents: int = 0
+    """Read at most this many documents (modules, files, JSONL documents); 0 = all."""
+    min_words: int = 6
+    """Paragraphs of monolingual text shorter than this are dropped."""
+    max_words: int = 120
+    """Longer paragraphs are cut at sentence ends into samples of at most this many words."""
+    valid_fraction: float = 0.05
+    """Share of documents held out for validation (at least one when > 0)."""
+    test_fraction: float = 0.05
+    """Share of documents held out for testing (at least one when > 0)."""
+
+    # --- tokenizer -----------------------------------------------------------
+    tokenizer: str = ""
+    """Reuse this tokenizer.json instead of training one (its special ids must match)."""
+    tokenizer_type: str = "bpe"
+    """Tokenizer to train: `bpe` (byte-level BPE) or `unigram`."""
+    vocab_size: int = 8000
+    """Vocabulary size of the trained tokenizer, specials included (= model.vocab_size)."""
+    num_sentinels: int = 100
+    """T5 sentinel tokens <extra_id_i>, ids 4 … 4+n-1 (the BART <mask> follows them)."""
+
+    # --- shards --------------------------------------------------------------
+    shard_samples: int = 2000
+    """Samples per WebDataset shard."""
+    overwrite: bool = False
+    """Allow replacing a different dataset already in `dir`."""
+    prepare_tasks: int = 0
+    """Ray tokenization tasks in flight during prepare; 0 = two per cluster CPU."""
+
+    # --- streaming -----------------------------------------------------------
+    split: str = "train"
+    """Split the trainer streams: `train`, `valid` or `test`."""
+    shuffle: bool = True
+    """Shuffle shard order and sample order every epoch, from (seed, epoch)."""
+    remainder: str = "repeat"
+    """Equal samples per rank: `repeat` the first samples of the epoch or `drop` the last ones."""
+    verify: str = "sha256"
+    """Check shards before streaming: `sha256` (every byte) or `size` (file sizes only)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Token-budget batching and collation."""
+
+    def __post_init__(self) -> None:
+        self._check_prepare()
+        self._check_tokenizer()
+        _check(self.split in ("train", "valid", "test"), "split",
+               f"must be 'train', 'valid' or 'test', got {self.split!r}")
+        _check(self.remainder in REMAINDER_RULES, "remainder",
+               f"must be one of {REMAINDER_RULES}, got {self.remainder!r}")
+        _check(self.verify in VERIFY_MODES, "verify", f"must be one of {VERIFY_MODES}, got {self.verify!r}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+    def _check_prepare(self) -> None:
+        _check(bool(self.dir), "dir", "must name a folder")
+        _check(self.task in TASKS, "task", f"must be one of {TASKS}, got {self.task!r}")
+        jsonl = [s for s in self.sources if str(s).endswith(".jsonl")]
+        if self.task == "pairs":
+            _check(bool(self.sources) and len(jsonl) == len(self.sources), "sources",
+                   "task 'pairs' needs JSONL files (*.jsonl) with 'src' and 'tgt' fields")
+        else:
+            _check(not jsonl, "task", f"JSONL pair files {jsonl} need data.task=pairs")
+        for key in ("max_documents", "prepare_tasks"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("min_words", "max_words", "shard_samples"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("valid_fraction", "test_fraction"):
+            _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
+        _check(self.valid_fraction + self.test_fraction < 1.0, "valid_fraction",
+               "valid_fraction + test_fraction must leave documents for training")
+
+    def _check_tokenizer(self) -> None:
+        _check(self.tokenizer_type in TOKENIZER_TYPES, "tokenizer_type",
+               f"must be one of {TOKENIZER_TYPES}, got {self.tokenizer_type!r}")
+        _check(self.num_sentinels >= 0, "num_sentinels", f"must be >= 0, got {self.num_sentinels}")
+        reserved = len(NAMED_SPECIALS) + self.num_sentinels + 1
+        least = reserved + (BYTE_ALPHABET if self.tokenizer_type == "bpe" else 1)
+        _check(self.vocab_size >= least, "vocab_size",
+               f"must be >= {least} ({reserved} reserved tokens"
+               + (" + 256 bytes" if self.tokenizer_type == "bpe" else "") + f"), got {self.vocab_size}")
+        _check(self.vocab_size <= 2**32, "vocab_size", f"must be < 2**32, got {self.vocab_size}")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "bart"
+    """Training objective: `bart` (text infilling), `t5` (span corruption) or `pairs` (src/tgt as stored)."""
+    mask_ratio: float = 0.3
+    """BART: share of tokens masked."""
+    poisson_lambda: float = 3.5
+    """BART: mean of the Poisson span lengths (a 0-length span inserts a <mask>)."""
+    permute_sentences: bool = False
+    """BART: shuffle the sentences of the source before infilling."""
+    noise_density: float = 0.15
+    """T5: share of tokens in corrupted spans."""
+    mean_span_length: float = 3.0
+    """T5: mean length of a corrupted span."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in OBJECTIVES, "name", f"must be one of {OBJECTIVES}, got {self.name!r}", "objective")
+        _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", f"must be in [0, 1), got {self.mask_ratio}", "objective")
+        _check(self.poisson_lambda > 0, "poisson_lambda", f"must be > 0, got {self.poisson_lambda}", "objective")
+        _check(0.0 < self.noise_density < 1.0, "noise_density",
+               f"must be in (0, 1), got {self.noise_density}", "objective")
+        _check(self.mean_span_length >= 1.0, "mean_span_length",
+               f"must be >= 1, got {self.mean_span_length}", "objective")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _check(ok: bool, key: str, message: str, slice_name: str = "data") -> None:
+    if not ok:
+        raise ValueError(f"{slice_name}.{key}: {message}")

@@ -1,0 +1,326 @@
+"""`prepare`: sources → tokenizer.json + WebDataset shards + manifest.json.
+
+Two phases. `plan()` does everything that needs no Ray: read and de-duplicate
+the corpus, split it by document, fingerprint the result and check the target
+folder (so a bad config or a foreign folder fails before any cluster work).
+`run()` trains (or reuses) the tokenizer, tokenizes chunks in parallel with Ray
+tasks and writes the shards in a fixed order with `webdataset.ShardWriter`.
+
+Deterministic: chunks are written in submission order, never completion
+order; tar headers are fixed; the manifest holds no paths outside the folder
+or times. Everything is written into `<dir>/.staging` and moved into place at
+the end, so an interrupted prepare never leaves a half dataset behind a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tokenizers import Tokenizer
+
+from .config import DataConfig
+from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
+from .storage import as_path, check_writable, is_remote, mirror_dir, remove_tree, upload
+from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
+from .sources import (SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate,
+                      expand_sources, file_documents, split_documents)
+from .tokenizer import (Specials, check_specials, load_tokenizer, sentence_end_ids, sentinel_token,
+                        train_tokenizer)
+
+TOKENIZER_NAME = "tokenizer.json"
+SHARDS_DIR = "shards"
+STAGING_DIR = ".staging"
+Row = tuple[str, "str | None", str]  # (key, src text, tgt text)
+
+
+@dataclass
+class Plan:
+    """What `run` will write, decided without Ray."""
+
+    cfg: DataConfig
+    folder: Path
+    splits: dict[str, list[Document]]
+    source: dict
+    """Where the documents came from (built-in corpus name, or files with their sha256)."""
+    fingerprint: str
+    """sha256 of the settings and documents that decide the output bytes."""
+    up_to_date: bool
+    """The folder already holds this exact dataset, intact."""
+
+
+def prepare(cfg: DataConfig, *, progress: bool = True, use_ray: bool = True) -> Manifest:
+    """Prepare `cfg.dir`; with `use_ray` the tokenization runs as Ray tasks on the
+    connected cluster (Ray starts a local one if none is connected)."""
+    return run(plan(cfg), progress=progress, use_ray=use_ray)
+
+
+def plan(cfg: DataConfig) -> Plan:
+    """Read the corpus and check the target; raises ValueError naming the `data.*` key."""
+    folder = target_folder(cfg.dir)
+    if cfg.tokenizer:
+        reused_tokenizer(cfg.tokenizer)
+    docs = collect_documents(cfg)
+    if not docs:
+        raise ValueError("data.sources: no text left after filtering and de-duplication")
+    splits = split_documents(docs, cfg.valid_fraction, cfg.test_fraction)
+    source = describe_source(cfg)
+    digest = fingerprint(cfg, splits, source)
+    return Plan(cfg, folder, splits, source, digest, up_to_date=check_target(folder, digest, cfg.overwrite))
+
+
+def target_folder(data_dir: str) -> Path:
+    """`data.dir` as a path; a bucket URL must be writable now (ValueError naming `data.dir`)."""
+    try:
+        folder = as_path(data_dir)
+        if is_remote(folder):
+            check_writable(folder)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"data.dir: {err}") from None
+    return folder
+
+
+def collect_documents(cfg: DataConfig) -> list[Document]:
+    limits = TextLimits(min_words=cfg.min_words, max_words=cfg.max_words)
+    if not cfg.sources:
+        return deduplicate(builtin_documents(cfg.task, limits, cfg.max_documents))
+    docs = file_documents(expand_sources(cfg.sources), cfg.task, limits)
+    return deduplicate(itertools.islice(docs, cfg.max_documents or None))
+
+
+def describe_source(cfg: DataConfig) -> dict:
+    if cfg.sources:
+        source: dict = {"files": [{"path": str(p.resolve()), "sha256": sha256_file(p)}
+                                  for p in expand_sources(cfg.sources)]}
+    else:
+        source = {"corpus": builtin_corpus_name()}
+    if cfg.tokenizer:
+        source["tokenizer_sha256"] = sha256_file(cfg.tokenizer)
+    return source
+
+
+def output_settings(cfg: DataConfig) -> dict:
+    """The settings that change the prepared bytes (not the folder, workers or stream options)."""
+    keys = ("task", "max_documents", "min_words", "max_words", "valid_fraction", "test_fraction",
+            "tokenizer_type", "vocab_size", "num_sentinels", "shard_samples")
+    settings = {k: getattr(cfg, k) for k in keys}
+    settings["sources"] = list(cfg.sources)
+    settings["tokenizer"] = cfg.tokenizer
+    return settings
+
+
+def fingerprint(cfg: DataConfig, splits: dict[str, list[Document]], source: dict) -> str:
+    h = hashlib.sha256(json.dumps([FORMAT, output_settings(cfg), source], sort_keys=True).encode())
+    for split in SPLITS:
+        for doc in splits[split]:
+            h.update(json.dumps([split, doc.id, [asdict(r) for r in doc.records]]).encode())
+    return h.hexdigest()
+
+
+def check_target(folder: Path, digest: str, overwrite: bool) -> bool:
+    """True if `folder` already holds this dataset intact; ValueError if it holds another one."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"data.dir: {folder} exists and is not a folder")
+    entries = [e.name for e in folder.iterdir() if e.name != STAGING_DIR] if folder.is_dir() else []
+    if not entries:
+        return False
+    if (folder / MANIFEST_NAME).is_file():
+        old = _read_json(folder / MANIFEST_NAME)
+        if old.get("fingerprint") == digest:
+            return not bad_files(Manifest.load(folder))  # same dataset: rebuild only if damaged
+        if not overwrite:
+            raise ValueError(f"data.dir: {folder} holds a different prepared dataset; choose another "
+                             "data.dir or set data.overwrite=true to replace it")
+    elif not overwrite:
+        raise ValueError(f"data.dir: {folder} is not empty and holds no {MANIFEST_NAME}; choose an empty "
+                         "folder or set data.overwrite=true")
+    return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# --- run: tokenizer, Ray tokenization, shards, manifest ----------------------------
+
+
+def run(plan: Plan, *, progress: bool = True, use_ray: bool = True) -> Manifest:
+    if plan.up_to_date:
+        print(f"prepare: {plan.folder} is up to date", file=sys.stderr)
+        return Manifest.load(plan.folder)
+    # Object storage has no atomic rename: a remote dataset is staged locally and uploaded, manifest last.
+    staging = mirror_dir(plan.folder) / STAGING_DIR if is_remote(plan.folder) else plan.folder / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / SHARDS_DIR).mkdir(parents=True)
+    tok, specials = build_tokenizer(plan)
+    tok.save(str(staging / TOKENIZER_NAME))
+    dtype = ids_dtype(tok.get_vocab_size())
+    written = write_splits(plan, tok.to_str(), dtype, staging / SHARDS_DIR, progress=progress, use_ray=use_ray)
+    data = manifest_data(plan, staging, written, specials, dtype, tok.get_vocab_size())
+    write_manifest(staging / MANIFEST_NAME, data)
+    publish(staging, plan.folder)
+    return Manifest.load(plan.folder)
+
+
+def build_tokenizer(plan: Plan) -> tuple[Tokenizer, Specials]:
+    cfg = plan.cfg
+    if cfg.tokenizer:
+        tok, num_sentinels = reused_tokenizer(cfg.tokenizer)
+    else:
+        num_sentinels = cfg.num_sentinels
+        texts = (t for doc in plan.splits["train"] for rec in doc.records for t in (rec.src, rec.tgt) if t)
+        tok = train_tokenizer(texts, kind=cfg.tokenizer_type, vocab_size=cfg.vocab_size, num_sentinels=num_sentinels)
+        if tok.get_vocab_size() != cfg.vocab_size:
+            warnings.warn(f"data.vocab_size: the corpus gave {tok.get_vocab_size()} tokens, not "
+                          f"{cfg.vocab_size}; the manifest records the real size", stacklevel=2)
+    return tok, Specials(num_sentinels, sentence_end_ids(tok, num_sentinels))
+
+
+def reused_tokenizer(path: str) -> tuple[Tokenizer, int]:
+    """A given tokenizer.json and its sentinel count; ValueError unless its reserved ids are ours."""
+    try:
+        tok = load_tokenizer(path)
+    except Exception as err:  # tokenizers raises its own Exception type for unreadable files
+        raise ValueError(f"data.tokenizer: cannot load {path}: {err}") from None
+    num_sentinels = count_sentinels(tok)
+    try:
+        check_specials(tok, num_sentinels)
+    except ValueError as err:
+        raise ValueError(f"data.tokenizer: {path}: {str(err).split(': ', 1)[1]}") from None
+    return tok, num_sentinels
+
+
+def count_sentinels(tok: Tokenizer) -> int:
+    return next(i for i in itertools.count() if tok.token_to_id(sentinel_token(i)) is None)
+
+
+def split_rows(plan: Plan, split: str) -> list[Row]:
+    """Rows of a split in corpus order; keys `<document>-<record>` are unique in the dataset."""
+    doc_index = {doc.id: i for i, doc in enumerate(d for s in SPLITS for d in plan.splits[s])}
+    return [(f"{doc_index[doc.id]:06d}-{j:04d}", rec.src, rec.tgt)
+            for doc in plan.splits[split] for j, rec in enumerate(doc.records)]
+
+
+def write_splits(plan: Plan, tok_json: str, dtype: str, out: Path, *, progress: bool,
+                 use_ray: bool = True) -> dict[str, list[WrittenShard]]:
+    """Tokenize every split chunk by chunk (Ray tasks, or in-process) and write the shards in order."""
+    from tqdm import tqdm
+
+    rows = {split: split_rows(plan, split) for split in SPLITS}
+    chunks = [(split, chunk) for split in SPLITS for chunk in _chunks(rows[split], plan.cfg.shard_samples)]
+    results = (_ray_map(tok_json, [c for _, c in chunks], dtype, plan.cfg.prepare_tasks) if use_ray
+               else (tokenize_chunk(tok_json, c, dtype) for _, c in chunks))
+    written: dict[str, list[WrittenShard]] = {}
+    bar = tqdm(total=sum(map(len, rows.values())), unit="sample", desc=f"prepare {plan.folder.name}",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    writer = None
+    for (split, _), samples in zip(chunks, results):
+        if writer is None or writer.split != split:
+            if writer is not None:
+                written[writer.split] = writer.close()
+            writer = SplitWriter(out, split, plan.cfg.shard_samples)
+        for sample, n_tokens in samples:
+            writer.write(sample, n_tokens)
+        bar.update(len(samples))
+    if writer is not None:
+        written[writer.split] = writer.close()
+    bar.close()
+    return written
+
+
+def _ray_map(tok_json: str, chunks: list[list[Row]], dtype: str, max_tasks: int) -> Iterator[list]:
+    """tokenize_chunk over `chunks` as Ray tasks; results in submission order (never completion order)."""
+    import ray
+
+    tokenize = ray.remote(tokenize_chunk)
+    tok_ref = ray.put(tok_json)
+    in_flight = max_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    window: deque = deque()
+    for chunk in chunks:
+        window.append(tokenize.remote(tok_ref, chunk, dtype))
+        if len(window) >= in_flight:
+            yield ray.get(window.popleft())
+    while window:
+        yield ray.get(window.popleft())
+
+
+def _chunks(rows: list[Row], size: int) -> Iterator[list[Row]]:
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+def tokenize_chunk(tok_json: str, rows: list[Row], dtype: str) -> list[tuple[dict, int]]:
+    """Ray task: encode a chunk of rows into ShardWriter samples (and their token counts)."""
+    tok = Tokenizer.from_str(tok_json)
+    tgt = tok.encode_batch([r[2] for r in rows], add_special_tokens=False)
+    has_src = rows[0][1] is not None
+    src = tok.encode_batch([r[1] for r in rows], add_special_tokens=False) if has_src else [None] * len(rows)
+    out = []
+    for (key, _, _), s, t in zip(rows, src, tgt):
+        fields = {"src": s.ids, "tgt": t.ids} if s is not None else {"tgt": t.ids}
+        out.append((encode_sample(key, fields, dtype), sum(len(v) for v in fields.values())))
+    return out
+
+
+def manifest_data(plan: Plan, staging: Path, written: dict[str, list[WrittenShard]], specials: Specials,
+                  dtype: str, vocab_size: int) -> dict:
+    shards = [{"path": f"{SHARDS_DIR}/{w.path.name}", "split": split, "samples": w.samples, "tokens": w.tokens,
+               "bytes": w.path.stat().st_size, "sha256": sha256_file(w.path)}
+              for split in SPLITS for w in written.get(split, [])]
+    splits = {split: {"num_samples": sum(s["samples"] for s in shards if s["split"] == split),
+                      "num_tokens": sum(s["tokens"] for s in shards if s["split"] == split),
+                      "num_documents": len(plan.splits[split]),
+                      "num_shards": sum(s["split"] == split for s in shards)} for split in SPLITS}
+    return {
+        "format": FORMAT,
+        "task": plan.cfg.task,
+        "fields": ["tgt"] if plan.cfg.task == "text" else ["src", "tgt"],
+        "dtype": dtype,
+        "tokenizer": TOKENIZER_NAME,
+        "tokenizer_sha256": sha256_file(staging / TOKENIZER_NAME),
+        "vocab_size": vocab_size,
+        "specials": specials.to_json(),
+        "num_samples": sum(s["num_samples"] for s in splits.values()),
+        "num_tokens": sum(s["num_tokens"] for s in splits.values()),
+        "splits": splits,
+        "shards": shards,
+        "source": plan.source,
+        "config": output_settings(plan.cfg),
+        "fingerprint": plan.fingerprint,
+    }
+
+
+def publish(staging: Path, folder: Path) -> None:
+    """Move the staged dataset into `folder`: the old manifest goes first, the new one last."""
+    if is_remote(folder):
+        publish_remote(staging, folder)
+        return
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)
+    os.replace(staging / SHARDS_DIR, folder / SHARDS_DIR)
+    os.replace(staging / TOKENIZER_NAME, folder / TOKENIZER_NAME)
+    os.replace(staging / MANIFEST_NAME, folder / MANIFEST_NAME)
+    staging.rmdir()
+
+
+def publish_remote(staging: Path, folder: Path) -> None:
+    """Upload the staged dataset to object storage; a reader never sees a manifest whose shards are not there."""
+    manifest = folder / MANIFEST_NAME
+    if manifest.exists():
+        manifest.unlink()
+    remove_tree(folder / SHARDS_DIR)
+    upload(staging, folder, names=[SHARDS_DIR, TOKENIZER_NAME, MANIFEST_NAME], last=[MANIFEST_NAME])
+    shutil.rmtree(staging)

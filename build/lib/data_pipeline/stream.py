@@ -1,0 +1,355 @@
+"""`ShardStream`: a rank's share of a prepared dataset, shuffled, balanced and resumable.
+
+Order and rank split: see `data_pipeline.order` (a global order per
+(seed, epoch); rank r takes every W-th remaining position; equal counts by
+repeating or dropping < W samples).
+
+State. `state_dict()` describes this rank: the segment it started from, how
+many samples of its sequence it has consumed (a prefix) and the few indices
+consumed beyond that prefix (a consumer that reorders, such as length
+bucketing, uses samples out of order). `load_state_dict(state)`:
+- the rank's own state, same world size → **exact resume**: exactly the rest
+  of its sequence;
+- anything else (another rank's state, another world size) → **elastic
+  resume**: the state is turned into a global cursor and the remaining
+  positions are split over the new world size. From one rank's state this
+  assumes ranks moved in lockstep (consumed the same number of samples); pass
+  the list of every rank's state (or `merge_states(states)`) and nothing is
+  replayed or skipped whatever each rank consumed.
+
+Workers. Inside a DataLoader each worker plays a sub-slice of the rank's
+sequence (round-robin by sample, or by blocks of `block` samples). Samples
+carry `__index__`, their index in the rank's sequence; the stream object in
+the training process never sees the workers' progress, so the consumer passes
+what it consumed: `state_dict(consumed=indices)` (a `Progress` or any iterable
+of `__index__` values since the last `load_state_dict`/`set_epoch`). Without
+workers, iterating the stream records progress itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .manifest import Manifest, ShardInfo
+from .order import REMAINDER_RULES, EpochOrder, Segment, compact, rank_positions, segment_positions
+from .shards import ShardCorrupt, read_shard, sha256_file
+from .storage import is_remote
+
+STATE_VERSION = 1
+
+
+class CorruptShardWarning(UserWarning):
+    """A shard was skipped because it is missing, truncated or altered."""
+
+
+class NoReadableShardsError(RuntimeError):
+    """Every shard of the stream is missing, truncated or altered."""
+
+
+class Progress:
+    """Which indices of a rank's sequence are consumed: a prefix count and the few beyond it."""
+
+    def __init__(self, prefix: int = 0, extra: Iterable[int] = ()):
+        self.prefix = prefix
+        self.extra: set[int] = set()
+        self.update(extra)
+
+    def add(self, index: int) -> None:
+        if index == self.prefix:
+            self.prefix += 1
+            while self.prefix in self.extra:
+                self.extra.remove(self.prefix)
+                self.prefix += 1
+        elif index > self.prefix:
+            self.extra.add(index)
+
+    def update(self, indices: Iterable[int]) -> "Progress":
+        for i in indices:
+            self.add(int(i))
+        return self
+
+    def __contains__(self, index: int) -> bool:
+        return index < self.prefix or index in self.extra
+
+    def __len__(self) -> int:
+        return self.prefix + len(self.extra)
+
+    def copy(self) -> "Progress":
+        return Progress(self.prefix, self.extra)
+
+    def union(self, other: "Progress") -> "Progress":
+        return Progress(max(self.prefix, other.prefix), self.extra | other.extra)
+
+
+class ShardStream(IterableDataset):
+    """An iterable over rank `rank`'s samples of a prepared dataset.
+
+    Each sample is a dict: `__key__` (unique in the dataset), `__index__` (its
+    index in this rank's sequence for the current segment), `tgt` and, for
+    pair datasets, `src` (read-only numpy arrays of token ids, no bos/eos).
+
+    Args:
+        manifest: path of manifest.json (or of the folder holding it).
+        rank, world_size: this rank and the number of ranks.
+        seed: shuffles shard and sample order together with the epoch.
+        shuffle: False plays shards and samples in manifest order.
+        split: `train`, `valid`, `test`, or None for every shard of the manifest.
+        remainder: `repeat` (default) or `drop`: how every rank gets the same count.
+        verify: `sha256` checks every byte of every shard up front, `size` only the sizes.
+    """
+
+    def __init__(self, manifest: str | Path, *, rank: int, world_size: int, seed: int, shuffle: bool = True,
+                 split: str | None = None, remainder: str = "repeat", verify: str = "sha256"):
+        super().__init__()
+        _check_args(rank, world_size, seed, remainder, verify)
+        self.manifest = Manifest.load(manifest)
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.split, self.remainder = split, remainder
+        # Remote shards are hashed as they are read (one download each), not all up front on every rank.
+        self._sha256_on_read = verify == "sha256" and self.manifest.is_remote
+        upfront = "size" if self._sha256_on_read else verify
+        self.shards, self.bad_shards = usable_shards(self.manifest.shards(split), upfront)
+        self._check_headers = verify != "sha256"  # after a sha256 check, tar header checksums add nothing
+        if not self.shards:
+            raise NoReadableShardsError(f"{self.manifest.path}: no readable shard"
+                                        + (f" in split {split!r}" if split else "") + ": "
+                                        + "; ".join(self.bad_shards.values() or ["the split is empty"]))
+        self.num_samples_total = sum(s.samples for s in self.shards)
+        self.epoch = 0
+        self.unreadable_reads = 0  # shards that failed while being read in this process (warned, skipped)
+        self._restart(Segment(world_size), Progress())
+
+    # --- counters ---------------------------------------------------------------
+
+    @property
+    def num_bad_shards(self) -> int:
+        """Shards skipped because they are missing, truncated or altered."""
+        return len(self.bad_shards) + self.unreadable_reads
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples every rank plays in the current segment (the same for all ranks)."""
+        return len(self._positions())
+
+    def __len__(self) -> int:
+        """Samples this rank has still to play from the current start point."""
+        n = self.samples_per_rank
+        return n - min(self._start.prefix, n) - sum(1 for i in self._start.extra if i < n)
+
+    # --- epoch and state -------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Play epoch `epoch` from its beginning (no-op if it is the current epoch, e.g. after a resume)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._restart(Segment(self.world_size), Progress())
+
+    def state_dict(self, consumed: Progress | Iterable[int] | int | None = None) -> dict:
+        """This rank's position after what this object yielded itself, or after `consumed`: the
+        `__index__` values the consumer used (a Progress or an iterable), or a count of samples
+        taken in stream order (a DataLoader with `batch_size=None` keeps that order)."""
+        if consumed is None:
+            progress = self._progress
+        elif isinstance(consumed, Progress):
+            progress = self._start.union(consumed)
+        elif isinstance(consumed, int):
+            progress = self._start.copy().update(self._remaining_indices(self.samples_per_rank)[:consumed])
+        else:
+            progress = self._start.copy().update(consumed)
+        return {**self._identity(), "epoch": self.epoch, "world_size": self._segment.world_size,
+                "cursor": self._segment.cursor, "done": list(self._segment.done), "rank": self.rank,
+                "consumed": progress.prefix, "extra": sorted(progress.extra)}
+
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Continue from `state` (this rank's, another rank's, or a list of every rank's)."""
+        if isinstance(state, (list, tuple)):
+            state = merge_states(list(state))
+        self._check_identity(state)
+        self.epoch = state["epoch"]
+        if state["rank"] == self.rank and state["world_size"] == self.world_size:
+            segment = Segment(self.world_size, state["cursor"], tuple(state["done"]))
+            self._restart(segment, Progress(state["consumed"], state["extra"]))
+        else:
+            cursor, done = global_cursor(state)
+            self._restart(Segment(self.world_size, cursor, done), Progress())
+
+    def _identity(self) -> dict:
+        digest = hashlib.sha256("".join(s.sha256 for s in self.shards).encode()).hexdigest()[:16]
+        return {"version": STATE_VERSION, "seed": self.seed, "shuffle": self.shuffle, "remainder": self.remainder,
+                "num_samples": self.num_samples_total, "shards": digest}
+
+    def _check_identity(self, state: dict) -> None:
+        mine = self._identity()
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(f"stream state does not fit this stream: {key} is {state.get(key)!r} "
+                                 f"in the state, {value!r} here")
+
+    def _restart(self, segment: Segment, start: Progress) -> None:
+        self._segment, self._start, self._progress = segment, start, start.copy()
+
+    # --- iteration -----------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.samples()
+
+    def samples(self, block: int = 1) -> Iterator[dict]:
+        """This rank's samples from the start point; DataLoader workers take blocks of `block` in turn."""
+        for problem in self.bad_shards.values():  # warned at construction too; again for each pass's logs
+            warnings.warn(f"skipping shard {problem}", CorruptShardWarning, stacklevel=2)
+        positions = self._positions()
+        indices = self._worker_share(self._remaining_indices(len(positions)), block)
+        order = EpochOrder(tuple(s.samples for s in self.shards), self.seed, self.epoch, self.shuffle)
+        shards, offsets = order.locate(positions[indices])
+        self._progress = progress = self._start.copy()
+        reader = _ShardCache(self, order)
+        for index, shard, offset in zip(indices.tolist(), shards.tolist(), offsets.tolist()):
+            sample = reader.get(shard, offset)
+            progress.add(index)  # a sample of an unreadable shard counts as played
+            if sample is not None:
+                yield {**sample, "__index__": index}
+
+    def _positions(self) -> np.ndarray:
+        return rank_positions(self.num_samples_total, self._segment, self.rank, self.remainder)
+
+    def _remaining_indices(self, n: int) -> np.ndarray:
+        rest = np.arange(min(self._start.prefix, n), n)
+        return rest[~np.isin(rest, list(self._start.extra))] if self._start.extra else rest
+
+    @staticmethod
+    def _worker_share(indices: np.ndarray, block: int) -> np.ndarray:
+        info = get_worker_info()
+        if info is None or info.num_workers == 1 or len(indices) == 0:
+            return indices
+        if block == 1:
+            slots = np.arange(len(indices))  # keeps DataLoader's round-robin output in sequence order
+        else:
+            slots = indices // block - indices[0] // block  # whole blocks stay with one worker
+        return indices[slots % info.num_workers == info.id]
+
+
+class _ShardCache:
+    """Reads the shard a position falls in, keeping the last one; skips unreadable shards."""
+
+    def __init__(self, stream: ShardStream, order: EpochOrder):
+        self.stream, self.order = stream, order
+        self.shard, self.samples, self.sample_order = -1, None, None
+        self.failed: set[int] = set()
+
+    def get(self, shard: int, offset: int) -> dict | None:
+        if shard in self.failed:
+            return None
+        if shard != self.shard:
+            if not self._load(shard):
+                return None
+        return self.samples[self.sample_order[offset]]
+
+    def _load(self, shard: int) -> bool:
+        info = self.stream.shards[shard]
+        try:
+            self.samples = read_shard(info.path, expect_samples=info.samples,
+                                      check_headers=self.stream._check_headers,
+                                      sha256=info.sha256 if self.stream._sha256_on_read else None)
+        except ShardCorrupt as err:
+            warnings.warn(f"skipping unreadable shard {err}", CorruptShardWarning, stacklevel=4)
+            self.stream.unreadable_reads += 1
+            self.failed.add(shard)
+            return False
+        self.shard, self.sample_order = shard, self.order.sample_order(shard)
+        return True
+
+
+def usable_shards(shards: list[ShardInfo], verify: str) -> tuple[list[ShardInfo], dict[str, str]]:
+    """Shards that pass the check, and {path: reason} for those that do not (each warned about)."""
+    good, bad = [], {}
+    sizes = remote_sizes(shards) if shards and is_remote(shards[0].path) else None
+    for info in shards:
+        reason = shard_problem(info, verify, sizes)
+        if reason is None:
+            good.append(info)
+        else:
+            bad[str(info.path)] = f"{info.path}: {reason}"
+            warnings.warn(f"skipping shard {bad[str(info.path)]}", CorruptShardWarning, stacklevel=3)
+    return good, bad
+
+
+def shard_problem(info: ShardInfo, verify: str, sizes: dict[str, int] | None = None) -> str | None:
+    """Why a shard can't be used, or None; `sizes` (remote shards) holds the listed size of every object."""
+    if sizes is not None:
+        size = sizes.get(info.path.path)
+        if size is None:
+            return "missing"
+    elif not info.path.is_file():
+        return "missing"
+    else:
+        size = info.path.stat().st_size
+    if size != info.bytes:
+        return f"{size} bytes, the manifest says {info.bytes} (truncated or altered)"
+    if verify == "sha256" and sha256_file(info.path) != info.sha256:
+        return "sha256 differs from the manifest (altered)"
+    return None
+
+
+def remote_sizes(shards: list[ShardInfo]) -> dict[str, int]:
+    """{bucket/key: bytes} of the objects in the shards' folders: one listing a folder, not a request a shard."""
+    sizes: dict[str, int] = {}
+    for folder in {info.path.parent for info in shards}:
+        try:
+            entries = folder.fs.ls(folder.path, detail=True, refresh=True)
+        except FileNotFoundError:
+            continue
+        sizes.update({e["name"].rstrip("/"): int(e["size"]) for e in entries if e.get("type") == "file"})
+    return sizes
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One state from every rank's state (all taken at the same point of one run).
+
+    The result holds a global cursor and the positions consumed beyond it; it
+    loads into any world size with nothing replayed or skipped.
+    """
+    first = states[0]
+    w = first["world_size"]
+    if w is None or sorted(s["rank"] for s in states) != list(range(w)):
+        raise ValueError(f"merge_states needs one state per rank 0..{w}-1, got ranks {[s['rank'] for s in states]}")
+    for s in states:
+        for key in ("epoch", "world_size", "cursor", "done", "seed", "num_samples", "shards", "remainder"):
+            if s[key] != first[key]:
+                raise ValueError(f"merge_states: ranks disagree on {key!r} (states of different runs or times)")
+    n, segment = first["num_samples"], Segment(w, first["cursor"], tuple(first["done"]))
+    consumed = np.zeros(len(segment_positions(n, segment, first["remainder"])), dtype=bool)
+    for s in states:
+        mine = np.arange(s["rank"], len(consumed), w)
+        consumed[mine[:s["consumed"]]] = True
+        consumed[mine[[i for i in s["extra"] if i < len(mine)]]] = True
+    cursor, done = compact(n, segment, first["remainder"], consumed)
+    return {**first, "world_size": None, "rank": None, "cursor": cursor, "done": list(done),
+            "consumed": 0, "extra": []}
+
+
+def global_cursor(state: dict) -> tuple[int, tuple[int, ...]]:
+    """(cursor, done) of a merged state, or of one rank's state assuming all ranks moved in lockstep."""
+    if state["rank"] is None:
+        return state["cursor"], tuple(state["done"])
+    n, w = state["num_samples"], state["world_size"]
+    segment = Segment(w, state["cursor"], tuple(state["done"]))
+    consumed = np.zeros(len(segment_positions(n, segment, state["remainder"])), dtype=bool)
+    consumed[:state["consumed"] * w] = True  # every rank consumed the same prefix
+    return compact(n, segment, state["remainder"], consumed)
+
+
+def _check_args(rank: int, world_size: int, seed: int, remainder: str, verify: str) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"ShardStream: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if seed < 0:
+        raise ValueError(f"ShardStream: seed must be >= 0, got {seed}")
+    if remainder not in REMAINDER_RULES:
+        raise ValueError(f"ShardStream: remainder must be one of {REMAINDER_RULES}, got {remainder!r}")
+    if verify not in ("sha256", "size"):
+        raise ValueError(f"ShardStream: verify must be 'sha256' or 'size', got {verify!r}")

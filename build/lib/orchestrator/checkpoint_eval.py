@@ -1,0 +1,147 @@
+"""Evaluation during training (`eval.during_training=true`).
+
+    plan ──preflight──▶ checks (pairs, split, strategies) before Ray starts
+    ray_session ─▶ EvaluationActor (long-lived, restarted by Ray when it dies)
+    fit(on_checkpoint=CheckpointHook(actor))   rank 0, after each persisted checkpoint:
+                    actor.evaluate_checkpoint.remote(step, path)   (enqueue only: training never waits)
+    end of fit ─▶ the driver asks for the final checkpoint too (a no-op when done), then waits at
+                  most `eval.wait_s` for the queue to drain; the actor is then stopped.
+
+The actor consolidates each checkpoint (`trainers.export`), evaluates it on
+`eval.split` (default `valid`) and appends a line to `<run.dir>/eval_metrics.jsonl`;
+its W&B run (`<run>-eval`, in the training run's group) plots every metric
+against `train_step`.  Ray runs an actor's tasks one at a time in arrival
+order, so the driver's last request returns after every earlier one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import ConfigError, JobConfig
+from .strategies import strategy_configs
+
+DEFAULT_SPLIT = "valid"
+
+
+@dataclass
+class CheckpointEvalPlan:
+    """What preflight settled for the evaluation actor."""
+
+    spec: Any
+    """The actor's EvalSpec (W&B run id filled in once the run folder is open)."""
+    checkpoint_root: str
+    """Where the run's checkpoints are persisted (<storage>/checkpoints)."""
+    training_cpus: float
+    """CPUs the training workers take (the actor gets at most what is left)."""
+
+
+def plan_checkpoint_evaluation(job: JobConfig, plan) -> tuple[JobConfig, CheckpointEvalPlan | None]:
+    """Check the eval slice against the training data (ConfigError); put training and eval in one W&B group.
+
+    Returns the job to train with (its W&B group set) and the plan, or (job, None) when off.
+    """
+    if not job.eval.during_training:
+        return job, None
+    from .evaluation import EvalSpec
+    from .train import CHECKPOINTS
+
+    manifest = plan.manifest
+    if "://" in plan.storage_path:
+        raise ConfigError(f"eval.during_training: checkpoints in object storage ({plan.storage_path}) are not "
+                          "evaluated during training; evaluate the model package afterwards (seqfoundry evaluate)")
+    if "src" not in manifest.data.get("fields", ()):
+        raise ConfigError(f"eval.during_training: {manifest.path} holds plain text; evaluation needs "
+                          "source/target pairs (prepare with data.task=restore or data.task=pairs)")
+    split = job.eval.split or DEFAULT_SPLIT
+    if not manifest.data.get("splits", {}).get(split, {}).get("num_samples"):
+        raise ConfigError(f"eval.split: {manifest.path} has no samples in split {split!r}")
+    try:
+        strategies = strategy_configs(list(job.eval.strategies), job.decoding)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    tracking = dataclasses.replace(job.tracking, group=job.tracking.group or f"train-{Path(plan.run.location).name}")
+    job = dataclasses.replace(job, tracking=tracking)
+    cap = plan.model.max_positions if plan.model.arch == "transformer" else job.data.batch.max_source_len
+    spec = EvalSpec(data_dir=str(manifest.folder), split=split, strategies=strategies, eval=job.eval,
+                    model=plan.model, tokenizer=str(manifest.tokenizer_path),
+                    max_source_len=min(job.data.batch.max_source_len, cap), verify=job.data.verify,
+                    run_dir=str(plan.run_dir), tracking=tracking)
+    t = job.trainer
+    return job, CheckpointEvalPlan(spec, f"{plan.storage_path}/{CHECKPOINTS}", t.num_workers * t.cpus_per_worker)
+
+
+@dataclass(frozen=True)
+class CheckpointHook:
+    """The picklable `on_checkpoint` that rank 0 calls: it enqueues and returns at once."""
+
+    actor: Any
+
+    def __call__(self, *, step: int, path: str) -> None:
+        self.actor.evaluate_checkpoint.remote(step, path)  # never waited on here
+
+
+@contextmanager
+def checkpoint_evaluation(evaluation: CheckpointEvalPlan | None, run_info: dict) -> Iterator[CheckpointHook | None]:
+    """Inside a Ray session: start the actor, yield the hook for `fit`, then drain and stop it."""
+    if evaluation is None:
+        yield None
+        return
+    import ray
+
+    from .evaluation import EvaluationActor
+
+    spec = dataclasses.replace(evaluation.spec, wandb_run_id=f"{run_info['wandb_run_id']}-eval")
+    spare = ray.cluster_resources().get("CPU", 0.0) - evaluation.training_cpus
+    actor = EvaluationActor.options(num_cpus=max(0.0, min(spec.eval.num_cpus, spare)),
+                                    num_gpus=1 if spec.eval.use_gpu else 0).remote(spec)
+    try:
+        yield CheckpointHook(actor)
+    except BaseException:
+        ray.kill(actor)
+        raise
+    try:
+        drain(actor, evaluation, wait_s=spec.eval.wait_s)
+    finally:
+        ray.kill(actor)
+
+
+def drain(actor, evaluation: CheckpointEvalPlan, *, wait_s: float) -> list[dict]:
+    """Request the final checkpoint (idempotent), wait for the queue, report; never fails the training."""
+    import ray
+    from ray.exceptions import RayError
+
+    final = last_checkpoint(evaluation.checkpoint_root)
+    if final is not None:
+        actor.evaluate_checkpoint.remote(int(final.name.split("_")[1]), str(final))
+    done = actor.finish.remote()
+    ready, _ = ray.wait([done], timeout=wait_s)
+    metrics = Path(evaluation.spec.run_dir) / "eval_metrics.jsonl"
+    if not ready:
+        print(f"eval: pending checkpoint evaluations unfinished after {wait_s:.0f}s; stopped "
+              f"(results so far in {metrics})", file=sys.stderr)
+        return []
+    try:
+        rows = ray.get(done)
+    except RayError as err:
+        print(f"eval: the evaluation actor failed: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+        return []
+    scored = [r for r in rows if "strategies" in r]
+    if scored:
+        last = scored[-1]
+        cells = ", ".join(f"{name} BLEU {m['bleu']:.2f}" for name, m in last["strategies"].items())
+        print(f"eval: {len(scored)} checkpoints evaluated; step {last['step']}: {cells}, "
+              f"ppl {last['perplexity']:.2f} ({metrics})")
+    return rows
+
+
+def last_checkpoint(root: str) -> Path | None:
+    if "://" in root:  # remote storage: the rank-0 request stands alone
+        return None
+    found = sorted(Path(root).glob("step_*"))
+    return found[-1] if found else None

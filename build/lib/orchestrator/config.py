@@ -1,0 +1,244 @@
+"""The job's typed configuration: Hydra composes YAML from `conf/`, this module
+turns it into typed dataclasses once, at the entry point (as in lingua)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig, ObjectiveConfig
+from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
+from trainers.decoding import DecodingConfig
+from trainers.models import ModelConfig
+
+from .eval_config import EvalConfig, GenerateConfig
+from .pipeline_config import PipelineConfig
+from .sweep_space import parse_space
+from .tracking import TrackingConfig
+from .conf_dir import CONF_DIR  # noqa: F401  (re-exported)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+REMOTE_RUN_DIR_COMMANDS = "prepare, pretrain, finetune, export and evaluate"
+
+
+def require_local(key: str, value: str, command: str) -> None:
+    """Refuse an object-storage URL for a folder that `command` can only use on a (shared) file system."""
+    if "://" in str(value) and not str(value).startswith("file://"):
+        raise ConfigError(f"{key}: {command} needs a local or shared folder, not {value} (object-storage URLs "
+                          f"work with {REMOTE_RUN_DIR_COMMANDS})")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    """Run folder: config.yaml, metrics, checkpoints and outputs of this job go here."""
+    seed: int = 0
+    """Global seed for everything that is random in the job."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""
+    """Ray cluster to join (`auto`, `ray://head:10001`, `127.0.0.1:6379`); empty = start a local one."""
+    num_cpus: int = 0
+    """CPUs of the local cluster started when `address` is empty; 0 = all of this machine's."""
+    storage_path: str = ""
+    """Shared storage for checkpoints on a multi-node cluster; empty = `run.dir` (one machine)."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0:
+            raise ValueError(f"cluster.num_cpus: must be >= 0, got {self.num_cpus}")
+
+
+@dataclass
+class ExportConfig:
+    tag: str = ""
+    """Checkpoint to export (`step_00000100`, a folder under <run.dir>/checkpoints); empty = the latest."""
+    out: str = ""
+    """Package folder to write; empty = <run.dir>/model."""
+
+
+@dataclass
+class SweepConfig:
+    name: str = ""
+    """Sweep name: the W&B group of its trials (unless tracking.group is set) and its folder under
+    cluster.storage_path; empty = the run folder's name."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space, nested like the config (`trainer: {lr: [loguniform, 1e-5, 1e-3]}`); each leaf is one
+    domain: `[uniform|loguniform|randint, low, high]`, `[choice, a, b, ...]` (one sampled per trial) or
+    `[grid, a, b, ...]` (every value). Presets in conf/sweep/ (`sweep=default`, `sweep=tiny`)."""
+    num_samples: int = 8
+    """Trials sampled from the space (with `grid` domains: times the whole grid runs)."""
+    metric: str = "val_loss"
+    """Validation metric that ranks trials and drives early stopping: `val_loss` or `val_ppl`."""
+    mode: str = "min"
+    """`min` or `max` of `metric`."""
+    scheduler: str = "asha"
+    """`asha` (Async Successive Halving: stop weak trials at validation rungs) or `fifo` (run every trial out)."""
+    grace_period: int = 0
+    """ASHA: optimizer steps every trial runs before it may be stopped; 0 = `trainer.val_every`."""
+    reduction_factor: int = 2
+    """ASHA: about 1/reduction_factor of the trials reaching a rung go on to the next one."""
+    max_concurrent: int = 0
+    """Trials at once; 0 = as many as the cluster's CPUs (GPUs) hold, num_workers x cpus_per_worker each."""
+    trial_cpus: float = 0.0
+    """CPUs reserved for each trial's driver (it only waits on its TorchTrainer, whose workers hold the CPUs)."""
+    trial_memory_mb: int = 256
+    """Memory reserved for each trial's driver (Ray refuses a trial that reserves nothing at all)."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("val_loss", "val_ppl"):
+            raise ValueError(f"sweep.metric: must be val_loss or val_ppl (what trials report), got {self.metric!r}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"sweep.mode: must be min or max, got {self.mode!r}")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ValueError(f"sweep.scheduler: must be asha or fifo, got {self.scheduler!r}")
+        for key, least in (("num_samples", 1), ("grace_period", 0), ("reduction_factor", 2),
+                           ("max_concurrent", 0), ("trial_cpus", 0), ("trial_memory_mb", 0)):
+            if getattr(self, key) < least:
+                raise ValueError(f"sweep.{key}: must be >= {least}, got {getattr(self, key)}")
+        if not self.trial_cpus and not self.trial_memory_mb:
+            raise ValueError("sweep.trial_cpus/trial_memory_mb: a trial must reserve something (Ray refuses "
+                             "an empty request); keep trial_memory_mb > 0")
+        parse_space(self.space)
+
+
+@dataclass
+class DemoConfig:
+    task: str = "reverse"
+    """Toy task for `seqfoundry demo`: `copy` or `reverse` a random token sequence."""
+    steps: int = 400
+    """Optimizer steps of the single-process toy training."""
+    batch_size: int = 64
+    """Sequences per batch."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up over 10% of the steps, then constant)."""
+    min_len: int = 3
+    """Shortest toy sequence (tokens, eos excluded)."""
+    max_len: int = 8
+    """Longest toy sequence (tokens, eos excluded)."""
+    num_eval: int = 64
+    """Held-out sequences decoded with each strategy at the end."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("copy", "reverse"):
+            raise ValueError(f"demo.task: must be 'copy' or 'reverse', got {self.task!r}")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"demo.min_len/max_len: need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        for key in ("steps", "batch_size", "num_eval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"demo.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class JobConfig:
+    """Every slice a seqfoundry job may use; each command hands each component its slice."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    resume: bool = False
+    """Continue the run in `run.dir` from its last checkpoint (after the driver died)."""
+    pretrained: str = ""
+    """Model package to fine-tune from (`seqfoundry finetune pretrained=<run>/model`)."""
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides, checked against JobConfig."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(one_line(err)) from err
+
+
+def load_job_config(path: str | Path) -> JobConfig:
+    """A run folder's saved config.yaml as a typed JobConfig."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{path}: {one_line(err)}") from err
+    return to_typed(merged)
+
+
+def to_typed(cfg: DictConfig) -> JobConfig:
+    """Resolve interpolations and build the typed objects (runs __post_init__ checks)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(one_line(err)) from err
+
+
+def one_line(err: BaseException) -> str:
+    """Squeeze a Hydra/OmegaConf/ValueError message into one line naming the key."""
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, OmegaConfBaseException) and not isinstance(err, OmegaConfBaseException):
+        return one_line(cause)
+    if isinstance(err, OmegaConfBaseException):
+        full_key = getattr(err, "full_key", None)
+        msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+        return f"{full_key}: {msg}" if full_key else msg
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text.split(" Config search path:")[0]
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown:
+        return f"{unknown.group(1)}: no such config key"
+    return text
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (for --help)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+def describe_keys(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every leaf field below `cls`, for --help output."""
+    rows: list[tuple[str, Any, str]] = []
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_keys(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,189 @@
+"""`seqfoundry evaluate package=<model package>`: decode a paired dataset with
+every strategy of `eval.strategies` in the evaluation actor, then write
+`<run.dir>/eval_results.json`, `<run.dir>/eval_outputs.jsonl`, a W&B run with
+tables of sample outputs and metrics, and print strategies x metrics.
+
+    seqfoundry evaluate package=runs/p1/model                          # the package's data, test split
+    seqfoundry evaluate package=runs/p1/model data.dir=data/mypairs eval.split=valid eval.max_samples=200
+    seqfoundry evaluate package=runs/p1/model 'eval.strategies=[greedy,"beam:beam_size=10"]' decoding.max_len=64
+
+Data: `data.dir` when given; otherwise the folder the package was trained on
+(`data.dir` of the run's config.yaml next to the package).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from trainers.decoding import DecodingConfig
+from data_pipeline.storage import as_path, is_remote, local_copy
+from trainers.run_folder import RunFolder
+from trainers.package import (PackageError, check_compatible, read_lineage, read_model_config, sha256_file)
+
+from .cluster import ray_session
+from .config import ConfigError, JobConfig, load_job_config
+from .evaluation import EvalSpec, metrics_table, open_wandb, samples_table, wandb_metrics
+from .strategies import strategy_configs
+from .tracking import new_run_id
+
+FROM_PACKAGE = "@package"
+"""`data.dir` value meaning "the data the package was trained on" (the evaluate command's default)."""
+RESULTS = "eval_results.json"
+OUTPUTS = "eval_outputs.jsonl"
+
+
+def run(job: JobConfig) -> int:
+    spec = plan_evaluation(job)  # every check, before Ray starts
+    run = RunFolder.of(job.run.dir)  # an object-storage run.dir is written locally, then uploaded
+    run_dir = run.local
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+    print(f"evaluate: {spec.package} on {spec.data_dir} ({spec.split}), strategies {', '.join(spec.strategies)}",
+          file=sys.stderr)
+    with ray_session(job.cluster):
+        results = evaluate_in_actor(spec, num_cpus=job.eval.num_cpus, use_gpu=job.eval.use_gpu)
+    results["package"] = package_info(spec.package)
+    results["wandb_run_id"] = log_to_wandb(job, results, run_dir)
+    write_results(results, run_dir)
+    run.push("config.yaml", RESULTS, OUTPUTS, "wandb")
+    print_table(results)
+    print(f"results in {run.where(RESULTS)}")
+    return 0
+
+
+def evaluate_in_actor(spec: EvalSpec, *, num_cpus: float, use_gpu: bool) -> dict:
+    """One evaluation in a fresh EvaluationActor (Ray must be initialised)."""
+    import ray
+
+    from .evaluation import EvaluationActor
+
+    actor = EvaluationActor.options(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0).remote(spec)
+    try:
+        return ray.get(actor.evaluate.remote())
+    finally:
+        ray.kill(actor)
+
+
+# --- checks --------------------------------------------------------------------------
+
+def plan_evaluation(job: JobConfig) -> EvalSpec:
+    """The actor's spec: package, data folder, split and strategies, all checked (ConfigError)."""
+    package = check_package(job.eval.package)
+    data_dir = data_for(package, job.data.dir)
+    split = job.eval.split or "test"
+    check_pairs(data_dir, split, package)
+    model = read_model_config(package)
+    cap = model.max_positions if model.arch == "transformer" else job.data.batch.max_source_len
+    return EvalSpec(data_dir=data_dir, split=split, strategies=strategies(job), eval=job.eval, package=str(package),
+                    max_source_len=min(job.data.batch.max_source_len, cap), verify=job.data.verify)
+
+
+def check_package(path: str, key: str = "eval.package") -> Path:
+    """A readable model package folder, or a one-line ConfigError naming `package`."""
+    if not path:
+        raise ConfigError(f"{key}: needs package=<model package folder> (e.g. runs/<run>/model)")
+    package = as_path(path)
+    package = package if is_remote(package) else package.resolve()  # a package may be in object storage
+    try:
+        read_model_config(package)
+    except PackageError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not (package / name).is_file():
+            raise ConfigError(f"{key}: {package / name} not found (is {path} a model package?)")
+    return package
+
+
+def data_for(package: Path, data_dir: str) -> str:
+    """`data.dir` as given, or (FROM_PACKAGE) the data.dir of the run that wrote the package."""
+    if data_dir != FROM_PACKAGE:
+        return data_dir
+    config = package.parent / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"data.dir: cannot tell which data {package} was trained on (no {config}); "
+                          "pass data.dir=<prepared folder>")
+    found = load_job_config(local_copy(config)).data.dir
+    expected = read_lineage(package).data_manifest_sha256
+    manifest = as_path(found) / "manifest.json"
+    if expected and manifest.is_file() and sha256_file(manifest) != expected:
+        print(f"evaluate: warning: {manifest} changed since {package} was trained", file=sys.stderr)
+    return found
+
+
+def check_pairs(data_dir: str, split: str, package: Path) -> None:
+    from .train import load_manifest
+
+    manifest = load_manifest(data_dir)
+    if "src" not in manifest.data.get("fields", ()):
+        raise ConfigError(f"data.dir: {manifest.path} holds plain text; evaluation needs source/target pairs "
+                          "(prepare with data.task=restore or data.task=pairs)")
+    splits = manifest.data.get("splits", {})
+    if not splits.get(split, {}).get("num_samples"):
+        raise ConfigError(f"eval.split: {manifest.path} has no samples in split {split!r} "
+                          f"(splits: {', '.join(k for k, v in splits.items() if v.get('num_samples'))})")
+    try:
+        check_compatible(package, tokenizer_json=manifest.local_tokenizer_path(), vocab_size=manifest.vocab_size)
+    except PackageError as err:
+        raise ConfigError(f"data.dir: {err} (prepare the pairs with data.tokenizer={package}/tokenizer.json)") from None
+
+
+def strategies(job: JobConfig) -> dict[str, DecodingConfig]:
+    try:
+        return strategy_configs(list(job.eval.strategies), job.decoding)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+# --- outputs ---------------------------------------------------------------------------
+
+def package_info(package: str) -> dict:
+    path = as_path(package)
+    return {"path": str(path), "model_sha256": sha256_file(path / "model.safetensors"),
+            "arch": read_model_config(path).arch, "lineage": read_lineage(path).__dict__}
+
+
+def write_results(results: dict, run_dir: Path) -> None:
+    """eval_results.json (everything but the outputs) and eval_outputs.jsonl (one line per source)."""
+    outputs = results.pop("outputs", [])
+    (run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    with open(run_dir / OUTPUTS, "w") as f:
+        for row in outputs:
+            f.write(json.dumps(row) + "\n")
+
+
+def log_to_wandb(job: JobConfig, results: dict, run_dir: Path) -> str | None:
+    """A W&B run of job type `evaluate`: metrics, a metrics table and a table of sample outputs."""
+    if job.tracking.resolved_mode() == "disabled":
+        return None
+    run_id = new_run_id()
+    run = open_wandb(job.tracking, run_dir=run_dir, run_id=run_id, name=f"eval-{Path(job.eval.package).parent.name}",
+                     job_type="evaluate", config={"package": job.eval.package, "dataset": results["dataset"],
+                                                  "strategies": results["decoding"]})
+    metrics = wandb_metrics(results)
+    run.log({**metrics, "eval/samples": samples_table(results), "eval/metrics": metrics_table(results)})
+    run.summary.update(metrics)
+    run.finish()
+    return run_id
+
+
+COLUMNS = (("bleu", "BLEU", "{:.2f}"), ("chrf", "chrF", "{:.2f}"), ("exact_match", "exact", "{:.1%}"),
+           ("avg_len", "len", "{:.1f}"), ("tokens_per_s", "tok/s", "{:,.0f}"), ("latency_ms", "ms/batch", "{:.1f}"),
+           ("search_error_rate", "search err", "{:.1%}"))
+
+
+def print_table(results: dict) -> None:
+    """Strategies x metrics, then perplexity and the sacreBLEU signatures."""
+    width = max(10, *(len(n) + 2 for n in results["strategies"]))
+    print(f"{'strategy':<{width}}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS))
+    for name, metrics in results["strategies"].items():
+        cells = [fmt.format(metrics[key]) if metrics.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+        print(f"{name:<{width}}" + "".join(f"{c:>12}" for c in cells))
+    n = results["counts"]["samples"]
+    print(f"{n} pairs of {results['dataset']['dir']} ({results['dataset']['split']}); "
+          f"teacher-forced perplexity {results['perplexity']:.3f}")
+    first = next(iter(results["signatures"].values()))
+    print(f"BLEU {first['bleu']}\nchrF {first['chrf']}")

@@ -1,0 +1,101 @@
+"""`seqfoundry generate package=<model package>`: one source per input line in,
+one decoded output per line out, with any decoding strategy, in batches.
+
+    echo "hello world" | seqfoundry generate package=runs/p1/model
+    seqfoundry generate package=runs/p1/model decoding=beam decoding.beam_size=4 decoding.n_best=2 \
+        generate.format=jsonl generate.input=sources.txt generate.output=out.jsonl
+    seqfoundry generate package=runs/p1/model decoding=sample decoding.top_p=0.8 decoding.seed=3
+
+Runs in this process (no Ray): a pipe should not wait for a cluster.  Only
+outputs go to standard output; notes go to standard error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import IO, Iterator
+
+import torch
+
+from data_pipeline import EOS_ID, decode as decode_text, encode, load_tokenizer
+from trainers.decoding import DecodingConfig, Hypothesis, decode
+from trainers.models import Seq2SeqModel
+from trainers.package import TOKENIZER, load_package
+
+from .config import ConfigError, JobConfig
+from .evaluate import check_package
+
+
+def run(job: JobConfig) -> int:
+    g = job.generate
+    package = check_package(g.package, key="generate.package")
+    if g.input not in ("", "-") and not Path(g.input).is_file():
+        raise ConfigError(f"generate.input: {g.input} not found")
+    device = torch.device("cuda" if g.device == "cuda" or (g.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model = load_package(package).to(device)
+    tokenizer = load_tokenizer(package / TOKENIZER)
+    generator = Generator(model, tokenizer, job.decoding, device=device)
+    with _open(g.input, "r", sys.stdin) as source, _open(g.output, "w", sys.stdout) as sink:
+        for lines in _batches(source, g.batch_size):
+            for line, hyps in zip(lines, generator(lines)):
+                sink.write(format_line(line, hyps, generator, g.format) + "\n")
+            sink.flush()
+    if generator.truncated:
+        print(f"generate: {generator.truncated} sources cut to {generator.max_source_len} tokens", file=sys.stderr)
+    return 0
+
+
+class Generator:
+    """Text in, hypotheses out (best first), for one model and one decoding config."""
+
+    def __init__(self, model: Seq2SeqModel, tokenizer, cfg: DecodingConfig, *, device: torch.device):
+        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+        cfg_model = model.config
+        self.max_source_len = cfg_model.max_positions if cfg_model.arch == "transformer" else 2**31
+        self.truncated = 0
+
+    def __call__(self, lines: list[str]) -> list[list[Hypothesis]]:
+        rows = []
+        for line in lines:
+            ids = encode(self.tokenizer, line)
+            self.truncated += len(ids) + 1 > self.max_source_len
+            rows.append(ids[: self.max_source_len - 1] + [EOS_ID])
+        lengths = torch.tensor([len(r) for r in rows])
+        src = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # (B, S), pad 0
+        for row, ids in zip(src, rows):
+            row[: len(ids)] = torch.tensor(ids)
+        return decode(self.model, src.to(self.device), lengths.to(self.device), self.cfg)
+
+    def text(self, hyp: Hypothesis) -> str:
+        return decode_text(self.tokenizer, hyp.tokens)
+
+
+def format_line(source: str, hyps: list[Hypothesis], generator: Generator, fmt: str) -> str:
+    """`text`: the best output on one line; `jsonl`: every hypothesis with tokens and scores."""
+    if fmt == "text":
+        return " ".join(generator.text(hyps[0]).splitlines())
+    return json.dumps({
+        "source": source, "text": generator.text(hyps[0]),
+        "hypotheses": [{"text": generator.text(h), "tokens": h.tokens, "score": h.score,
+                        "normalized_score": h.normalized_score} for h in hyps],
+    }, ensure_ascii=False)
+
+
+def _batches(source: IO[str], size: int) -> Iterator[list[str]]:
+    lines = (line.rstrip("\r\n") for line in source)
+    while batch := list(itertools.islice(lines, size)):
+        yield batch
+
+
+@contextlib.contextmanager
+def _open(path: str, mode: str, default: IO[str]) -> Iterator[IO[str]]:
+    if path in ("", "-"):
+        yield default
+        return
+    with open(path, mode, encoding="utf-8") as f:
+        yield f

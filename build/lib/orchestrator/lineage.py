@@ -1,0 +1,107 @@
+"""The pipeline's lineage: every artifact with its path, hash, parents and W&B
+run, written to `pipeline.json` and mirrored to W&B as artifacts.
+
+Online, each stage's W&B run `use_artifact`s its inputs and `log_artifact`s
+its output, so W&B draws the graph.  Offline (the default), W&B cannot use
+artifacts, so each logged artifact carries its parents in its metadata and
+`wandb sync` uploads them; `pipeline.json` is the complete record either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainers.package import sha256_file
+
+from .tracking import TrackingConfig
+
+
+@dataclass
+class ArtifactRecord:
+    name: str
+    """Unique name in the pipeline (`data`, `pretrained`, `finetuned`, `evaluation`)."""
+    type: str
+    """`dataset`, `model` or `results`."""
+    path: str
+    """Folder or file of the artifact."""
+    sha256: str
+    """Hash of the artifact's defining file (manifest.json, model.safetensors, eval_results.json)."""
+    parents: list[str] = field(default_factory=list)
+    """Names of the artifacts it was made from."""
+    wandb_run_id: str | None = None
+    """W&B run that produced it."""
+    reused: bool = False
+    """True when the stage reused an existing output instead of running."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def defining_file(kind: str, path: Path) -> Path:
+    """The file whose hash identifies an artifact of this kind."""
+    if kind == "dataset":
+        return path / "manifest.json"
+    if kind == "model":
+        return path / "model.safetensors"
+    return path
+
+
+def make_record(name: str, kind: str, path: Path, *, parents: list[str], wandb_run_id: str | None,
+                reused: bool = False, metadata: dict | None = None) -> ArtifactRecord:
+    return ArtifactRecord(name, kind, str(path.resolve()), sha256_file(defining_file(kind, path)), parents,
+                          wandb_run_id, reused, metadata or {})
+
+
+class Lineage:
+    """Collects ArtifactRecords; writes pipeline.json after every stage (a crash keeps what was done)."""
+
+    def __init__(self, path: Path, *, group: str):
+        self.path, self.group = path, group
+        self.records: dict[str, ArtifactRecord] = {}
+        self.created = time.time()
+
+    def add(self, record: ArtifactRecord) -> ArtifactRecord:
+        missing = [p for p in record.parents if p not in self.records]
+        if missing:
+            raise ValueError(f"lineage: {record.name} names unknown parents {missing}")
+        self.records[record.name] = record
+        self.write()
+        return record
+
+    def write(self) -> None:
+        data = {"group": self.group, "created": self.created, "updated": time.time(),
+                "artifacts": [asdict(r) for r in self.records.values()]}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.path)
+
+
+def log_to_wandb(tracking: TrackingConfig, lineage: Lineage, record: ArtifactRecord, *, run_dir: Path) -> None:
+    """Log `record` as a W&B artifact from its producing run (resumed by id), using its parents online."""
+    mode = tracking.resolved_mode()
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=tracking.project, entity=tracking.entity, group=lineage.group, id=record.wandb_run_id,
+                     resume="allow" if record.wandb_run_id else None, job_type=f"lineage-{record.name}",
+                     mode=mode, dir=str(run_dir), settings=wandb.Settings(console="off", silent=True))
+    artifact = wandb.Artifact(artifact_name(lineage.group, record.name), type=record.type,
+                              metadata={"sha256": record.sha256, "path": record.path, "parents": record.parents,
+                                        **record.metadata})
+    artifact.add_reference(Path(record.path).resolve().as_uri(), checksum=False)
+    if mode == "online":
+        for parent in record.parents:
+            run.use_artifact(f"{artifact_name(lineage.group, parent)}:latest")
+    run.log_artifact(artifact)
+    record.wandb_run_id = record.wandb_run_id or run.id
+    run.finish()
+
+
+def artifact_name(group: str, name: str) -> str:
+    """W&B artifact names: letters, digits, dashes, underscores and dots."""
+    digest = hashlib.sha256(group.encode()).hexdigest()[:8]
+    return f"{name}-{digest}"

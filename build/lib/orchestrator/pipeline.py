@@ -1,0 +1,159 @@
+"""`seqfoundry pipeline`: prepare → pretrain → sweep → evaluate the best trial,
+with a lineage record (`pipeline.json`) linking every artifact to its parents.
+
+    seqfoundry pipeline                                  # the tiny demo on the embedded default
+    seqfoundry pipeline run.dir=runs/demo                # every stage's output under one folder
+    seqfoundry pipeline run.dir=runs/demo                # again: finished stages are reused
+    seqfoundry pipeline pipeline.data=data/tiny pretrained=runs/p1/model   # reuse outputs made elsewhere
+
+Layout: `<run.dir>/data`, `<run.dir>/pretrain` (a training run folder),
+`<run.dir>/sweep` (trials), `<run.dir>/eval`, `<run.dir>/pipeline.json`.
+All stages share one Ray session and one W&B group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cluster import ray_session
+from .config import ConfigError, JobConfig, require_local
+from .lineage import Lineage, log_to_wandb, make_record
+from .pipeline_config import STAGES  # noqa: F401  (re-exported)
+
+@dataclass
+class Folders:
+    root: Path
+    data: Path
+    pretrain: Path
+    sweep: Path
+    eval: Path
+
+
+def folders(job: JobConfig) -> Folders:
+    root = Path(job.run.dir).resolve()
+    data = Path(job.pipeline.data).resolve() if job.pipeline.data else root / "data"
+    return Folders(root, data, root / "pretrain", root / "sweep", root / "eval")
+
+
+def stage_job(job: JobConfig, *, run_dir: Path, data_dir: Path, **changes) -> JobConfig:
+    """The job config one stage sees: its own run folder, the pipeline's data and W&B group."""
+    return dataclasses.replace(
+        job, run=dataclasses.replace(job.run, dir=str(run_dir)), data=dataclasses.replace(job.data, dir=str(data_dir)),
+        tracking=dataclasses.replace(job.tracking, group=job.tracking.group or f"pipeline-{Path(job.run.dir).name}"),
+        **changes)
+
+
+def run(job: JobConfig) -> int:
+    require_local("run.dir", job.run.dir, "pipeline")
+    f = folders(job)
+    f.root.mkdir(parents=True, exist_ok=True)
+    group = job.tracking.group or f"pipeline-{f.root.name}"
+    lineage = Lineage(f.root / "pipeline.json", group=group)
+    with ray_session(job.cluster):
+        data = stage_prepare(job, f, lineage)
+        pretrained = stage_pretrain(job, f, lineage, data)
+        finetuned = stage_sweep(job, f, lineage, data, pretrained)
+        results = stage_evaluate(job, f, lineage, data, finetuned)
+    for record in lineage.records.values():
+        log_to_wandb(job.tracking, lineage, record, run_dir=f.root)
+    lineage.write()
+    print_results(results, lineage)
+    return 0
+
+
+# --- stages -----------------------------------------------------------------------------
+
+def stage_prepare(job: JobConfig, f: Folders, lineage: Lineage) -> Path:
+    from data_pipeline.prepare import plan as plan_prepare
+
+    from .prepare import run as prepare
+
+    stage = stage_job(job, run_dir=f.root, data_dir=f.data)
+    reused = bool(job.pipeline.data) or "prepare" not in job.pipeline.stages
+    if not reused:
+        try:
+            reused = plan_prepare(stage.data).up_to_date  # the same inputs were prepared before
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if not reused:
+        check(prepare(stage), "prepare")
+    if not (f.data / "manifest.json").is_file():
+        raise ConfigError(f"pipeline.data: {f.data} has no manifest.json (run the prepare stage or name a folder)")
+    lineage.add(make_record("data", "dataset", f.data, parents=[], wandb_run_id=None, reused=reused))
+    return f.data
+
+
+def stage_pretrain(job: JobConfig, f: Folders, lineage: Lineage, data: Path) -> Path:
+    from .train import train
+
+    if job.pretrained:
+        package, reused, run_id = Path(job.pretrained), True, None
+    else:
+        package = f.pretrain / "model"
+        reused = (package / "model.safetensors").is_file() or "pretrain" not in job.pipeline.stages
+        if not reused:
+            check(train(stage_job(job, run_dir=f.pretrain, data_dir=data, pretrained=""), mode="pretrain"), "pretrain")
+        run_id = run_json(f.pretrain).get("wandb_run_id")
+    if not (package / "model.safetensors").is_file():
+        raise ConfigError(f"pretrained: {package} is not a model package (run the pretrain stage or name one)")
+    lineage.add(make_record("pretrained", "model", package, parents=["data"], wandb_run_id=run_id, reused=reused))
+    return package
+
+
+def stage_sweep(job: JobConfig, f: Folders, lineage: Lineage, data: Path, pretrained: Path) -> Path:
+    from .sweep import best_trial, run as sweep
+
+    if job.pipeline.finetuned:
+        package, reused, run_id = Path(job.pipeline.finetuned), True, None
+    else:
+        results = f.sweep / "sweep_results.json"
+        reused = results.is_file() or "sweep" not in job.pipeline.stages
+        if not reused:
+            check(sweep(stage_job(job, run_dir=f.sweep, data_dir=data, pretrained=str(pretrained))), "sweep")
+        best = best_trial(f.sweep)
+        package, run_id = Path(best["package"]), best.get("wandb_run_id")
+    lineage.add(make_record("finetuned", "model", package, parents=["pretrained", "data"], wandb_run_id=run_id,
+                            reused=reused))
+    return package
+
+
+def stage_evaluate(job: JobConfig, f: Folders, lineage: Lineage, data: Path, finetuned: Path) -> dict:
+    from .evaluate import run as evaluate
+
+    results = f.eval / "eval_results.json"
+    reused = results.is_file() or "evaluate" not in job.pipeline.stages
+    if not reused:
+        eval_job = stage_job(job, run_dir=f.eval, data_dir=data)
+        eval_job = dataclasses.replace(eval_job, eval=dataclasses.replace(eval_job.eval, package=str(finetuned)))
+        check(evaluate(eval_job), "evaluate")
+    if not results.is_file():
+        raise ConfigError(f"pipeline.stages: {results} missing (run the evaluate stage)")
+    loaded = json.loads(results.read_text())
+    lineage.add(make_record("evaluation", "results", results, parents=["finetuned", "data"],
+                            wandb_run_id=loaded.get("wandb_run_id"), reused=reused))
+    return loaded
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def check(code: int, stage: str) -> None:
+    if code != 0:
+        raise SystemExit(f"seqfoundry pipeline: stage {stage} failed (exit {code}); finished stages are reused "
+                         "when the same command runs again")
+
+
+def run_json(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def print_results(results: dict, lineage: Lineage) -> None:
+    """The pipeline ends with the evaluation's table: decoding strategies x metrics."""
+    from .evaluate import print_table
+
+    print()
+    print_table(results)
+    print(f"lineage: {lineage.path} ({len(lineage.records)} artifacts)")

@@ -1,0 +1,300 @@
+"""`seqfoundry sweep`: a Ray Tune search over fine-tuning hyperparameters of a
+model package; every trial is a DeepSpeed fine-tune through Ray Train
+(`sweep_trial.py`), stopped early by ASHA when it falls behind.
+
+    seqfoundry sweep pretrained=runs/p1/model experiment=tiny run.dir=runs/s1
+    seqfoundry sweep pretrained=... sweep=tiny sweep.num_samples=4 sweep.scheduler=fifo
+    seqfoundry sweep pretrained=... '+sweep.space.trainer.grad_clip={choice: [0.5, 1.0]}'
+
+    <run.dir>/config.yaml          the sweep's resolved config
+    <run.dir>/trial_<id>/          one fine-tuning run folder per trial (metrics.jsonl, wandb/, model/, ...)
+    <run.dir>/tune/                Ray Tune's experiment state
+    <run.dir>/sweep_results.json   every trial (config, metrics, status, error, package) and the best
+
+Everything that can be refused (space keys and every value it can take, data,
+package, resources) is checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from ray import tune
+
+from data_pipeline import Manifest
+
+from .cluster import ray_session
+from .config import ConfigError, JobConfig, require_local
+from .sweep_space import Domain, flatten, nest, num_trials, parse_space
+from .sweep_trial import AbortTrainingOnStop, TrialRecipe, run_trial, trial_job, trial_name
+from .train import failure_summary, preflight
+
+RESULTS = "sweep_results.json"
+TUNE_DIR = "tune"
+SET_BY_THE_SWEEP = ("run.", "sweep.", "cluster.", "tracking.", "data.dir", "pretrained", "resume")
+"""Keys the sweep sets itself: a space may not search them."""
+REPORTED = ("step", "val_loss", "val_ppl")
+"""What trials report to Tune (at each validation)."""
+
+
+@dataclass
+class SweepPlan:
+    """What the checks established, before Ray starts."""
+
+    job: JobConfig
+    run_dir: Path
+    name: str
+    domains: list[Domain]
+    num_trials: int
+    grace_period: int
+    recipe: TrialRecipe
+
+
+def run(job: JobConfig) -> int:
+    plan = plan_sweep(job)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(plan.job)))
+    t0 = time.perf_counter()
+    with ray_session(job.cluster):
+        trials = tune_trials(plan)
+    results = summarize(plan, trials, wall_s=time.perf_counter() - t0)
+    (plan.run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    if not results["best"]:
+        print(f"seqfoundry sweep: error: no trial finished ({results['counts']}); see {plan.run_dir / RESULTS}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def best_trial(sweep_dir: str | Path) -> dict:
+    """The best trial's record in `<sweep_dir>/sweep_results.json` (its `package`, `wandb_run_id`, ...)."""
+    path = Path(sweep_dir) / RESULTS
+    if not path.is_file():
+        raise ConfigError(f"run.dir: {path} not found (run `seqfoundry sweep` first)")
+    best = json.loads(path.read_text()).get("best")
+    if not best:
+        raise ConfigError(f"{path}: no trial of the sweep finished, so there is no best package")
+    return best
+
+
+# --- checks, before Ray -------------------------------------------------------------------
+
+def plan_sweep(job: JobConfig) -> SweepPlan:
+    require_local("run.dir", job.run.dir, "sweep")
+    require_local("cluster.storage_path", job.cluster.storage_path, "sweep")
+    job = absolute_paths(job)
+    s = job.sweep
+    run_dir = Path(job.run.dir)
+    if not s.space:
+        raise ConfigError("sweep.space: empty; pick a preset (sweep=default, sweep=tiny) or add domains")
+    if job.resume:
+        raise ConfigError("resume: a sweep cannot be resumed; start it again in another run.dir")
+    if (run_dir / RESULTS).exists() or (run_dir / TUNE_DIR).exists():
+        raise ConfigError(f"run.dir: {run_dir} already holds a sweep; choose another run.dir")
+    check_validation_split(preflight(job, mode="finetune").manifest)  # data, package, resources
+    name = s.name or run_dir.name
+    storage = f"{job.cluster.storage_path.rstrip('/')}/{name}" if job.cluster.storage_path else ""
+    recipe = TrialRecipe(job=job, sweep_dir=str(run_dir), group=job.tracking.group or name, storage=storage)
+    domains = parse_space(s.space)
+    for domain in domains:
+        check_domain(recipe, domain)
+    grace = s.grace_period or job.trainer.val_every
+    if s.scheduler == "asha" and not job.trainer.val_every:
+        raise ConfigError("trainer.val_every: ASHA stops trials on their validation results; set it "
+                          f"(e.g. trainer.val_every={max(1, job.trainer.max_steps // 10)}) or use sweep.scheduler=fifo")
+    if s.scheduler == "asha" and grace > job.trainer.max_steps:
+        raise ConfigError(f"sweep.grace_period: {grace} steps exceed trainer.max_steps={job.trainer.max_steps}")
+    return SweepPlan(job, run_dir, name, domains, num_trials(domains, s.num_samples), grace, recipe)
+
+
+def absolute_paths(job: JobConfig) -> JobConfig:
+    """Tune runs each trial in its own working directory: every path the trials read is made absolute."""
+    return dataclasses.replace(
+        job, run=dataclasses.replace(job.run, dir=str(Path(job.run.dir).resolve())),
+        data=dataclasses.replace(job.data, dir=str(Path(job.data.dir).resolve())),
+        pretrained=str(Path(job.pretrained).resolve()) if job.pretrained else "")
+
+
+def check_validation_split(manifest: Manifest) -> None:
+    if not manifest.data.get("splits", {}).get("valid", {}).get("num_samples"):
+        raise ConfigError(f"data.dir: {manifest.path} has no validation samples, and trials are ranked on them "
+                          "(prepare with data.valid_fraction > 0)")
+
+
+def check_domain(recipe: TrialRecipe, domain: Domain) -> None:
+    """Every value a domain bounds must make a valid fine-tuning job (else one line naming the key)."""
+    if domain.key.startswith(SET_BY_THE_SWEEP):
+        raise ConfigError(f"sweep.space.{domain.key}: set by the sweep itself, it cannot be searched")
+    if domain.key.startswith("model.") and domain.key != "model.dropout":
+        raise ConfigError(f"sweep.space.{domain.key}: a fine-tune keeps the package's architecture; of model.* "
+                          "only model.dropout can be searched")
+    for value in domain.candidates():
+        try:
+            preflight(trial_job(recipe, {domain.key: value}, trial="trial_check"), mode="finetune")
+        except ConfigError as err:
+            where = f"sweep.space.{domain.key}"
+            raise ConfigError(f"{where}: {value!r} is refused ({str(err).removeprefix(where + ': ')})") from err
+
+
+# --- Ray Tune -------------------------------------------------------------------------------
+
+def tune_trials(plan: SweepPlan) -> list:
+    """Run the Tuner; returns Tune's Trial objects, finished, failed or stopped."""
+    s = plan.job.sweep
+    concurrency = trial_concurrency(plan.job)
+    trainable = tune.with_parameters(run_trial, recipe=plan.recipe)
+    trainable.__mixins__ = (AbortTrainingOnStop,)  # wrap_function adds it to the trainable class
+    trainable = tune.with_resources(trainable, {"cpu": s.trial_cpus, "memory": s.trial_memory_mb * 2**20})
+    log = TrialLog()
+    tuner = tune.Tuner(
+        trainable, param_space=nest({d.key: d.to_tune() for d in plan.domains}),
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                                    scheduler=make_scheduler(plan), max_concurrent_trials=concurrency,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=plan.recipe.storage or str(plan.run_dir),
+                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=[log], verbose=0))
+    print(f"sweep {plan.name}: {plan.num_trials} trials over {', '.join(d.key for d in plan.domains)}; "
+          f"{concurrency} at a time; {describe_scheduler(plan)}; W&B group {plan.recipe.group}", flush=True)
+    tuner.fit()  # a failed trial is recorded, never raised
+    return log.trials
+
+
+def trial_concurrency(job: JobConfig) -> int:
+    """`sweep.max_concurrent`, or as many trials as the cluster's CPUs (and GPUs) hold at once."""
+    import ray
+
+    s, t = job.sweep, job.trainer
+    if s.max_concurrent:
+        return s.max_concurrent
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0.0) // (t.num_workers * t.cpus_per_worker + s.trial_cpus)
+    if t.use_gpu:
+        fits = min(fits, total.get("GPU", 0.0) // t.num_workers)
+    return max(1, int(fits))
+
+
+def make_scheduler(plan: SweepPlan):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = plan.job.sweep
+    if s.scheduler == "fifo":
+        return FIFOScheduler()
+    # time_attr "step": rungs in optimizer steps; stop_last_trials=False lets a trial that reaches
+    # max_steps write its package instead of being stopped at its final report.
+    return ASHAScheduler(time_attr="step", max_t=plan.job.trainer.max_steps, grace_period=plan.grace_period,
+                         reduction_factor=s.reduction_factor, stop_last_trials=False)
+
+
+def describe_scheduler(plan: SweepPlan) -> str:
+    s = plan.job.sweep
+    if s.scheduler == "fifo":
+        return f"every trial runs out; best {s.mode} {s.metric}"
+    return (f"ASHA on {s.mode} {s.metric} (grace {plan.grace_period} steps, reduction {s.reduction_factor}, "
+            f"max {plan.job.trainer.max_steps} steps)")
+
+
+class TrialLog(tune.Callback):
+    """One console line per trial event; keeps Tune's Trial objects for the results."""
+
+    def __init__(self):
+        self.trials: list = []
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        values = " ".join(f"{k}={fmt(v)}" for k, v in flatten(trial.config).items())
+        print(f"sweep: {trial_name(trial)} started ({values})", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        step = trial.last_result.get("step", 0)
+        metrics = " ".join(f"{k} {fmt(trial.last_result[k])}" for k in REPORTED[1:] if k in trial.last_result)
+        print(f"sweep: {trial_name(trial)} ended at step {step}: {metrics}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"sweep: {trial_name(trial)} failed: {trial_error(trial)}", flush=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.trials = list(trials)
+
+
+# --- results -------------------------------------------------------------------------------
+
+def summarize(plan: SweepPlan, trials: list, *, wall_s: float) -> dict:
+    s = plan.job.sweep
+    records = [trial_record(plan, t) for t in trials]
+    finished = [r for r in records if r["status"] == "TERMINATED" and s.metric in r["metrics"]]
+    pick = min if s.mode == "min" else max
+    best = pick(finished, key=lambda r: r["metrics"][s.metric]) if finished else {}
+    counts = {status: sum(r["status"] == status for r in records)
+              for status in ("TERMINATED", "EARLY_STOPPED", "ERROR") if any(r["status"] == status for r in records)}
+    return {"name": plan.name, "dir": str(plan.run_dir), "pretrained": plan.job.pretrained,
+            "metric": s.metric, "mode": s.mode, "scheduler": s.scheduler, "space": s.space,
+            "num_trials": len(records), "counts": counts, "wall_s": round(wall_s, 1),
+            "best": best, "trials": records}
+
+
+def trial_record(plan: SweepPlan, trial) -> dict:
+    """One trial: TERMINATED (ran out, package written), EARLY_STOPPED (by ASHA), ERROR, or Tune's status."""
+    folder = plan.run_dir / trial_name(trial)
+    package = folder / "model"
+    status = trial.status
+    if status == "TERMINATED" and not (package / "model.safetensors").is_file():
+        status = "EARLY_STOPPED"
+    run_json = folder / "run.json"
+    return {
+        "trial_id": trial.trial_id, "dir": str(folder), "status": status,
+        "config": flatten(trial.config),
+        "metrics": {k: trial.last_result[k] for k in REPORTED if k in trial.last_result},
+        "error": trial_error(trial) if trial.status == "ERROR" else None,
+        "package": str(package) if status == "TERMINATED" else None,
+        "wandb_run_id": json.loads(run_json.read_text()).get("wandb_run_id") if run_json.is_file() else None,
+    }
+
+
+def trial_error(trial) -> str:
+    """One line: the root exception of a failed trial and, through Ray Train, what its worker said."""
+    error = trial.get_error()
+    if error is None:
+        return f"unknown error (see {TUNE_DIR}/{trial_name(trial)}/error.txt)"
+    head, marker, snippet = str(error).partition(" Error Snippet]:")
+    summary = failure_summary(head if marker else error).rstrip(":")
+    if marker:  # a WorkerGroupError: rank N's own exception, or how its process died
+        lines = [ln.strip() for ln in snippet.splitlines() if ln.strip()]
+        raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)]
+        died = [ln for ln in lines if "health check" in ln or "died" in ln]
+        rank = head.rsplit("[", 1)[-1]
+        summary += f" ({rank.lower()}: {raised[-1] if raised else ' '.join(died[:2]) or lines[0]})"
+    return summary[:500]
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(results: dict) -> None:
+    metric = results["metric"]
+    keys = list(dict.fromkeys(k for t in results["trials"] for k in t["config"]))
+    header = ["trial", "status", "step", metric, *keys]
+    rows = [[f"trial_{t['trial_id']}", t["status"], fmt(t["metrics"].get("step", "-")),
+             fmt(t["metrics"].get(metric, "-")), *(fmt(t["config"].get(k, "-")) for k in keys)]
+            for t in results["trials"]]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    print()
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for t in results["trials"]:
+        if t["error"]:
+            print(f"trial_{t['trial_id']}: {t['error']}")
+    best = results["best"]
+    if best:
+        print(f"best: trial_{best['trial_id']} {metric} {fmt(best['metrics'][metric])}; package {best['package']}")
+    print(f"sweep {results['name']}: {results['counts']} in {results['wall_s']:.0f}s; "
+          f"{Path(results['dir']) / RESULTS}")

@@ -1,0 +1,119 @@
+"""Experiment tracking: `metrics.jsonl` in the run folder and Weights & Biases.
+
+W&B runs offline unless the user has a key (WANDB_API_KEY or `wandb login`)
+and `tracking.mode=auto`; a run keeps one W&B run id across restarts (the id
+lives in the run folder and in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import secrets
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "seqfoundry"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None = the default of the key."""
+    mode: str = "offline"
+    """`offline` (default), `online`, `auto` (online when a key is configured) or `disabled`."""
+    group: str | None = None
+    """W&B group tying runs together (a pipeline or a sweep sets it)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "auto", "disabled"):
+            raise ValueError(f"tracking.mode: must be offline, online, auto or disabled, got {self.mode!r}")
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def new_run_id() -> str:
+    """A W&B-style run id (8 characters of [a-z0-9])."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def init_resumable(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str, config: dict[str, Any],
+                   job_type: str, wait_s: float = 60.0):
+    """`wandb.init` of run `run_id`, resumed if it exists, in this process's own W&B service.
+
+    A W&B service inherited from the driver (WANDB_SERVICE) would outlive a
+    killed rank 0 and keep reporting its run id as "in use" to the restarted
+    one, so the worker starts its own; a service still closing the old stream
+    is waited for.
+    """
+    import wandb
+
+    os.environ.pop("WANDB_SERVICE", None)
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags, name=name,
+                              id=run_id, resume="allow", mode=cfg.resolved_mode(), dir=str(run_dir), config=config,
+                              job_type=job_type, settings=wandb.Settings(console="off", silent=True))
+        except Exception as err:  # wandb raises its own types; only "in use" is worth waiting for
+            if "in use" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2.0)
+
+
+class Tracker:
+    """Rank 0's logger: appends to metrics.jsonl and logs to W&B under one run id."""
+
+    def __init__(self, cfg: TrackingConfig, *, run_dir: str | Path, run_id: str, name: str,
+                 config: dict[str, Any], resume_from_step: int = 0, job_type: str = "train"):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._truncate_after(resume_from_step)
+        self._t0 = time.time()
+        self.wandb = None
+        if cfg.resolved_mode() != "disabled":
+            self.wandb = init_resumable(cfg, run_dir=self.run_dir, run_id=run_id, name=name, config=config,
+                                        job_type=job_type)
+            if getattr(self.wandb, "url", None):  # online: say where to watch it (sys.stdout: see loop.console)
+                sys.stdout.write(f"W&B run: {self.wandb.url}\n")
+                sys.stdout.flush()
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **metrics, "time": time.time()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

@@ -1,0 +1,1 @@
+"""Models, decoding strategies and (later) the distributed trainer."""

@@ -1,0 +1,121 @@
+"""Typed configuration slices of the distributed trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+FREEZE = ("none", "embeddings", "encoder")
+"""What `trainer.freeze` may leave untrained."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps of the run (a resumed run continues up to this step)."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks), one DeepSpeed engine each."""
+    cpus_per_worker: int = 1
+    """CPU cores reserved per worker (also its torch thread count)."""
+    use_gpu: bool = False
+    """One GPU per worker; NCCL and bf16 are then chosen automatically."""
+    placement_strategy: str = "PACK"
+    """How Ray places the workers on nodes: `PACK` (fill a node first), `SPREAD` (across nodes when it can)
+    or `STRICT_SPREAD` (each worker on its own node, or the run waits)."""
+    micro_batch_size: int = 32
+    """Most samples in one worker's micro-batch (the token budget may make it smaller)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: int = 0
+    """Samples per optimizer step across workers; 0 = micro_batch_size x grad_accum_steps x num_workers.
+    When set it must equal that product (DeepSpeed's batch triple)."""
+    lr: float = 5e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to `lr`."""
+    schedule: str = "cosine"
+    """Decay after warm-up: `cosine` (to `min_lr_ratio` x lr at max_steps), `inverse_sqrt` or `constant`."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay, as a fraction of `lr`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    precision: str = "auto"
+    """`auto` (bf16 on GPUs that support it, else fp32), `fp32`, `bf16` or `fp16`."""
+    seed: int = 0
+    """Seed of model init, dropout and the data order."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    val_every: int = 0
+    """Validation loss and perplexity every this many steps (0 = only at the end)."""
+    val_batches: int = 20
+    """Validation batches per evaluation."""
+    max_failures: int = 2
+    """Times Ray Train restarts the worker group after a worker dies."""
+    freeze: str = "none"
+    """Parameters left untrained when fine-tuning: `none`, `embeddings` (the shared token embedding, which is
+    also the output projection, and learned position tables) or `encoder` (every encoder layer and norm)."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "num_workers", "cpus_per_worker", "micro_batch_size",
+                    "grad_accum_steps", "log_every", "checkpoint_every", "keep_last"):
+            _positive(key, getattr(self, key))
+        if self.global_batch_size and self.global_batch_size != self.derived_global_batch():
+            raise ValueError(
+                f"trainer.global_batch_size: {self.global_batch_size} != micro_batch_size x grad_accum_steps "
+                f"x num_workers = {self.micro_batch_size} x {self.grad_accum_steps} x {self.num_workers}")
+        if self.schedule not in ("cosine", "inverse_sqrt", "constant"):
+            raise ValueError(f"trainer.schedule: must be cosine, inverse_sqrt or constant, got {self.schedule!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
+            raise ValueError("trainer.placement_strategy: must be PACK, SPREAD or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
+        if self.freeze not in FREEZE:
+            raise ValueError(f"trainer.freeze: must be one of {', '.join(FREEZE)}, got {self.freeze!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"trainer.precision: must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("trainer.lr/warmup_steps/min_lr_ratio: need lr > 0, warmup_steps >= 0, "
+                             f"0 <= min_lr_ratio <= 1 (got {self.lr}, {self.warmup_steps}, {self.min_lr_ratio})")
+
+    def derived_global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO-Offload; stage >= 1)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO-Infinity; stage 3 only)."""
+    allow_rnn_zero3: bool = False
+    """Let LSTM/GRU models train under ZeRO-3 (refused by default, see `check_zero3`)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params: needs deepspeed.zero_stage=3")
+
+
+@dataclass
+class ChaosConfig:
+    fail_at_step: int = 0
+    """Kill one worker process with SIGKILL once, right after this step (0 = never); for resume tests."""
+    fail_rank: int = 0
+    """Which rank `fail_at_step` kills."""
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"trainer.{key}: must be >= 1, got {value}")

@@ -1,0 +1,65 @@
+"""Consolidate a DeepSpeed checkpoint (any ZeRO stage) into fp32 weights and
+write a model package from it.  Runs in one process, no process group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_tag
+from .models import ModelConfig, build_model
+from .package import Lineage, PackageError, write_package
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint folder (the one holding `latest`).
+
+    ZeRO 1-3: DeepSpeed's `zero_to_fp32` merges the fp32 master partitions of
+    every rank.  ZeRO 0: rank 0's model-states file holds the full module.
+    """
+    folder = Path(checkpoint_dir)
+    tag = tag or latest_tag(folder)
+    if tag is None or not (folder / tag).is_dir():
+        raise PackageError(f"{folder}: no DeepSpeed checkpoint (missing 'latest' or tag folder {tag})")
+    if list((folder / tag).glob("*optim_states.pt")) and _zero_stage(folder / tag) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        # ZeRO-1 keeps frozen parameters (trainer.freeze) out of its fp32 partitions and out of the
+        # frozen-parameter record DeepSpeed writes for ZeRO 2-3; the module states (ZeRO 1-2 only:
+        # ZeRO-3 writes per-rank partitions) hold them whole.
+        module_file = folder / tag / "mp_rank_00_model_states.pt"
+        if module_file.is_file():
+            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            state.update({k: v for k, v in module.items() if k not in state and v.numel()})
+    else:
+        state = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def _zero_stage(tag_dir: Path) -> int:
+    states = torch.load(next(tag_dir.glob("*mp_rank_00_model_states.pt")), map_location="cpu",
+                        weights_only=False)
+    return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def export_package(checkpoint_dir: str | Path, out_dir: str | Path, *, model_cfg: ModelConfig,
+                   tokenizer: str | Path, lineage: Lineage, tag: str | None = None) -> Path:
+    """Write the model package of a checkpoint (consolidated fp32 weights)."""
+    model = build_model(model_cfg)
+    state = consolidated_state_dict(checkpoint_dir, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if _is_tied_alias(model, k)}
+    if set(missing) - tied or unexpected:
+        raise PackageError(f"{checkpoint_dir}: checkpoint does not match model config "
+                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    return write_package(out_dir, model, tokenizer=tokenizer, lineage=lineage)
+
+
+def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
+    """A state-dict key that shares its tensor with another key (the tied output projection)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unique = dict(model.named_parameters())
+    return key in params and key not in unique

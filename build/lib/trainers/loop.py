@@ -1,0 +1,389 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+It reads like a checklist: build the model → wrap it with DeepSpeed → restore
+the last checkpoint → stream this rank's batches → step, log, validate,
+checkpoint.  Rank awareness lives in the arguments (`rank`, `world_size` from
+the Ray Train context) and in rank 0's tracker; nothing else asks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import Batch, DataConfig, ObjectiveConfig, Progress, build_batcher, data_loader
+
+from . import checkpoint as ckpt
+from .config import ChaosConfig, DeepSpeedConfig, TrainerConfig
+from .engine import build_engine
+from .models import ModelConfig, Seq2SeqModel, build_model
+from .package import load_package
+from .run_folder import RunFolder
+from .throughput import StepTimer, device_peak_flops
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs, as typed slices (pickled to every rank by Ray)."""
+
+    model: ModelConfig
+    trainer: TrainerConfig
+    deepspeed: DeepSpeedConfig
+    data: DataConfig
+    objective: ObjectiveConfig
+    chaos: ChaosConfig
+    run_dir: str
+    """`run.dir`: a local path or an object-storage URL (worked on through a local mirror, see run_folder)."""
+    pretrained: str = ""
+    """Model package whose weights initialise the model (fine-tuning)."""
+    peak_flops: float = 0.0
+    """Device peak FLOP/s for MFU; 0 = look it up (GPU) or measure it (CPU)."""
+    make_tracker: Callable[..., Any] | None = None
+    """Rank 0 calls make_tracker(resume_from_step=...) to get an object with log/summary/finish."""
+    checkpoint_root: str = ""
+    """Where Ray Train persists the checkpoints (<storage>/checkpoints)."""
+    on_checkpoint: Callable[..., Any] | None = None
+    """Rank 0 calls on_checkpoint(step=, path=) after each checkpoint is persisted (must not block)."""
+    extra: dict = field(default_factory=dict)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config={"job": WorkerJob})`."""
+    job: WorkerJob = config["job"]
+    # The trainer decides, not the environment the driver passed on (ray_session defaults it to cpu).
+    os.environ["DS_ACCELERATOR"] = "cuda" if job.trainer.use_gpu else "cpu"
+    # DeepSpeed calls torch.distributed's deprecated collectives every step: keep the console readable.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    import ray.train
+
+    context = ray.train.get_context()
+    Worker(job, rank=context.get_world_rank(), world_size=context.get_world_size()).run()
+
+
+class Worker:
+    def __init__(self, job: WorkerJob, *, rank: int, world_size: int):
+        self.job, self.rank, self.world_size = job, rank, world_size
+        self.cfg = job.trainer
+        self.run_folder = RunFolder(job.run_dir)
+        self.run_folder.local.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(self.cfg.cpus_per_worker)
+        self.on_gpu = self.cfg.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.consumed = Progress()  # stream positions of the batches trained on this epoch
+        self.dropped = self.truncated = 0  # over-long samples seen by this rank
+        self.grad_norm = 0.0  # before clipping, of the last optimizer step (ZeRO-0 only; else DeepSpeed's)
+
+    # --- setup ---------------------------------------------------------------
+
+    def build(self, *, load_universal: bool = False) -> None:
+        ckpt.seed_everything(self.cfg.seed)  # identical initial weights on every rank
+        model = build_model(self.job.model)  # the job's config: a fine-tune's own dropout
+        if self.job.pretrained:
+            model.load_state_dict(load_package(self.job.pretrained).state_dict())
+        self.model: Seq2SeqModel = model.train()
+        self.num_parameters = model.num_parameters()  # before ZeRO-3 partitions the weights
+        self.num_frozen = freeze_parameters(model, self.cfg.freeze)  # before the optimizer sees them
+        ckpt.seed_everything(self.cfg.seed + 1000 * self.rank)  # distinct dropout per rank
+        self.engine, self.precision = build_engine(model, self.cfg, self.job.deepspeed, world_size=self.world_size,
+                                                   on_gpu=self.on_gpu, load_universal=load_universal)
+        data = self.job.data
+        data.batch.max_sentences = data.batch.max_sentences or self.cfg.micro_batch_size
+        self.batcher = build_batcher(data, self.job.objective, rank=self.rank, world_size=self.world_size,
+                                     seed=self.cfg.seed)
+        self.state = ckpt.TrainState(wandb_run_id=self.job.extra.get("wandb_run_id", ""),
+                                     config_sha256=self.job.extra.get("config_sha256", ""),
+                                     world_size=self.world_size)
+        self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=self.job.peak_flops)
+
+    def restore(self, folder: str) -> None:
+        """Continue from a checkpoint folder (a Ray Train restart or `resume=true`).
+
+        On another world size with ZeRO >= 1, rank 0 first converts the
+        checkpoint to DeepSpeed's universal format (under <run.dir>/universal),
+        which every rank then loads with its new partitioning.
+        """
+        universal = self.universal_copy(folder) if self.load_universal else None
+        state, data_states = ckpt.load(self.engine, folder, rank=self.rank, universal=universal)
+        same_world = state.world_size == self.world_size
+        self.batcher.load_state_dict(data_states[self.rank] if same_world else data_states)
+        self.state = ckpt.TrainState(**{**state.__dict__, "world_size": self.world_size})
+        if not same_world:
+            ckpt.seed_everything(self.cfg.seed + 1000 * self.rank + self.state.step)
+
+    def universal_copy(self, folder: str) -> Path:
+        name = f"universal/{Path(folder).name}"
+        out = self.run_folder.local / name
+        if self.rank == 0:
+            ckpt.to_universal(folder, out)
+            self.run_folder.push(name)  # ranks on other nodes read it from the remote run folder
+        dist.barrier()
+        if not (out / "latest").is_file():
+            self.run_folder.pull(name)
+        return out
+
+    def record_placement(self) -> None:
+        """`<run.dir>/workers.json`: the Ray node, host and pid of every rank (written by rank 0)."""
+        import ray
+
+        me = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+              "hostname": socket.gethostname(), "pid": os.getpid()}
+        ranks = [me]
+        if dist.is_available() and dist.is_initialized():
+            ranks = [None] * self.world_size
+            dist.all_gather_object(ranks, me)
+        if self.rank == 0:
+            (self.run_folder.local / "workers.json").write_text(json.dumps(ranks, indent=2) + "\n")
+            self.run_folder.push("workers.json")
+
+    # --- the loop --------------------------------------------------------------
+
+    def run(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
+            saved_world = ckpt.saved_world_size(folder) if folder else self.world_size
+            self.load_universal = saved_world != self.world_size and self.job.deepspeed.zero_stage > 0
+            self.build(load_universal=self.load_universal)
+            if folder:
+                self.restore(folder)
+        self.record_placement()
+        if self.rank == 0:
+            self.run_folder.pull(*RANK0_FILES)  # a resume on another machine continues the run's own files
+        self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
+        if self.tracker:
+            self.tracker.summary({"parameters": self.num_parameters, "world_size": self.world_size,
+                                  "precision": self.precision, "peak_flops": self.peak,
+                                  "frozen_parameters": self.num_frozen})
+        batches = self.batches()
+        timer, window = StepTimer(), Window()
+        start_step, t_start = self.state.step, time.perf_counter()
+        while self.state.step < self.cfg.max_steps:
+            loss, tokens = self.train_step(batches, timer)
+            self.state.step += 1
+            window.add(loss, tokens)
+            self.after_step(timer, window, start_step, t_start)
+        self.validate_and_log()
+        self.save_checkpoint(final=True)
+        if self.tracker:
+            self.tracker.finish()
+            self.run_folder.push(*RANK0_FILES)
+
+    def train_step(self, batches: Iterator[Batch], timer: StepTimer) -> tuple[float, int]:
+        """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
+        total_loss, total_tokens = 0.0, 0
+        for _ in range(self.cfg.grad_accum_steps):
+            batch = next(batches).to(self.device)
+            timer.data_ready()
+            loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out)
+            self.engine.backward(loss)
+            if self.job.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                self.grad_norm = total_grad_norm(self.model)  # DeepSpeed records it only under ZeRO
+            self.engine.step()
+            tokens = batch.num_tokens
+            total_loss, total_tokens = total_loss + loss.item() * tokens, total_tokens + tokens
+            timer.step_done(src_tokens=int(batch.src_lengths.sum()), tgt_tokens=tokens, samples=len(batch),
+                            flops=self.train_flops(batch))
+        return total_loss / max(total_tokens, 1), total_tokens
+
+    def train_flops(self, batch: Batch) -> float:
+        counts = self.model.flops(batch.src.size(1), batch.tgt_in.size(1))
+        return counts.training(int(batch.src_lengths.sum()), batch.num_tokens)
+
+    def batches(self) -> Iterator[Batch]:
+        """This rank's batches forever, epoch after epoch; records what was consumed."""
+        loader = data_loader(self.batcher, num_workers=self.job.data.num_workers, pin_memory=self.on_gpu)
+        epoch = self.batcher.stream.epoch
+        while True:
+            self.batcher.set_epoch(epoch)
+            self.consumed = Progress()
+            for batch in loader:
+                self.consumed.update(batch.indices)
+                self.dropped += batch.num_dropped
+                self.truncated += batch.num_truncated
+                yield batch
+            epoch += 1
+
+    def after_step(self, timer: StepTimer, window: "Window", start_step: int, t_start: float) -> None:
+        step = self.state.step
+        if step % self.cfg.log_every == 0:
+            self.log_train(timer, window, start_step, t_start)
+        if self.cfg.val_every and step % self.cfg.val_every == 0 and step < self.cfg.max_steps:
+            self.validate_and_log()
+        if step % self.cfg.checkpoint_every == 0 and step < self.cfg.max_steps:
+            self.save_checkpoint(final=False)
+        self.maybe_fail()
+
+    # --- logging, validation -----------------------------------------------------
+
+    def log_train(self, timer: StepTimer, window: "Window", start_step: int, t_start: float) -> None:
+        loss, tokens = all_reduce_mean(window.loss_sum, window.tokens)
+        rates = timer.summary(world_size=self.world_size, peak_flops=self.peak)
+        self.state.tokens_seen += int(tokens)
+        window.reset()
+        if self.tracker is None:
+            return
+        metrics = {
+            "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": self.engine.get_lr()[0],
+            "grad_norm": float(self.grad_norm if self.job.deepspeed.zero_stage == 0
+                               else self.engine.get_global_grad_norm() or 0.0), **rates,
+            "epoch": self.batcher.stream.epoch, "memory_mb": rss_mb(),
+            **({"gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if self.on_gpu else {}),
+            "skipped_shards": self.batcher.stream.num_bad_shards,
+            "dropped_samples": self.dropped, "truncated_samples": self.truncated,
+        }
+        self.tracker.log(self.state.step, metrics)
+        console(progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start))
+
+    def validate_and_log(self) -> None:
+        """Validation on every rank; rank 0 logs it; Ray Train (and Ray Tune above it) receives it."""
+        import ray.train
+
+        metrics = self.validate()
+        if metrics:
+            ray.train.report({"step": self.state.step, **metrics})
+        if self.tracker and metrics:
+            self.tracker.log(self.state.step, metrics)
+            console(f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} val_ppl {metrics['val_ppl']:.2f}")
+
+    def validate(self) -> dict[str, float]:
+        """Token-weighted loss on the `valid` split (this rank's share), reduced over ranks."""
+        try:
+            batcher = build_batcher(self.job.data, self.job.objective, rank=self.rank,
+                                    world_size=self.world_size, seed=self.cfg.seed, split="valid")
+        except (ValueError, FileNotFoundError):
+            return {}  # no validation split prepared
+        loss_sum, tokens = 0.0, 0
+        self.engine.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(batcher):
+                if i == self.cfg.val_batches:
+                    break
+                batch = batch.to(self.device)
+                loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out)
+                loss_sum += loss.item() * batch.num_tokens
+                tokens += batch.num_tokens
+        self.engine.train()
+        loss, _ = all_reduce_mean(loss_sum, tokens)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # --- checkpoints and chaos -----------------------------------------------------
+
+    def save_checkpoint(self, *, final: bool) -> None:
+        """Every rank saves its part; Ray Train merges them into one checkpoint folder."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        self.state.rng = ckpt.capture_rng()
+        self.state.data = self.batcher.state_dict(consumed=self.consumed)
+        with tempfile.TemporaryDirectory(prefix="seqfoundry-ckpt-") as folder:
+            tag = ckpt.save(self.engine, folder, self.state, rank=self.rank)
+            metrics = {"step": self.state.step, "tag": tag, "final": final}
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=tag)
+        if self.rank == 0:
+            self.run_folder.push(*RANK0_FILES)
+        if self.rank == 0 and self.job.on_checkpoint is not None:
+            self.job.on_checkpoint(step=self.state.step, path=f"{self.job.checkpoint_root}/{tag}")
+
+    def maybe_fail(self) -> None:
+        """`chaos.fail_at_step`: SIGKILL this worker once (a marker file remembers it fired)."""
+        chaos = self.job.chaos
+        if not chaos.fail_at_step or self.state.step != chaos.fail_at_step or self.rank != chaos.fail_rank:
+            return
+        marker = self.run_folder.local / ".chaos_fired"
+        if marker.exists():
+            return
+        marker.write_text(f"killed rank {self.rank} after step {self.state.step}\n")
+        console(f"chaos: killing rank {self.rank} (pid {os.getpid()}) after step {self.state.step}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+RANK0_FILES = ("metrics.jsonl", "workers.json", "wandb")
+"""What rank 0 writes into the run folder (pushed at every checkpoint when run.dir is remote, so that the
+offline W&B runs of a machine that dies are in the bucket too)."""
+
+FROZEN_PREFIXES = {
+    "none": (),
+    "embeddings": ("embed.", "enc_pos.", "dec_pos."),
+    "encoder": ("encoder.", "enc_norm.", "enc_pos."),
+}
+"""`trainer.freeze` -> parameter-name prefixes (Transformer and RNN models share these module names)."""
+
+
+def freeze_parameters(model: torch.nn.Module, what: str) -> int:
+    """`requires_grad_(False)` on the parameters `trainer.freeze` names; returns how many values it froze."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if name.startswith(FROZEN_PREFIXES[what]):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if what != "none" and not frozen:
+        raise ValueError(f"trainer.freeze: {what!r} matches no parameter of a {model.config.arch} model")
+    return frozen
+
+
+@dataclass
+class Window:
+    """Token-weighted loss since the last log line."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss_sum += loss * tokens
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.loss_sum, self.tokens = 0.0, 0
+
+
+def all_reduce_mean(weighted_sum: float, weight: float) -> tuple[float, float]:
+    """(sum over ranks of weighted_sum) / (sum of weight), and the total weight."""
+    t = torch.tensor([weighted_sum, float(weight)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    total, count = t.tolist()
+    return total / max(count, 1.0), count
+
+
+def total_grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all gradients (already all-reduced across ranks at the boundary)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
+
+
+def console(line: str) -> None:
+    """One line on the worker's stdout (Ray streams it to the driver once; Ray Train's
+    patched `print` would log it a second time)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def progress_line(step: int, max_steps: int, m: dict[str, float], start_step: int, t_start: float) -> str:
+    elapsed = time.perf_counter() - t_start
+    left = elapsed / max(step - start_step, 1) * (max_steps - step)
+    return (f"step {step}/{max_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+            f"tok/s {m['tokens_per_s']:,.0f} mfu {m['mfu']:.1%} eta {left:,.0f}s")
