@@ -84,6 +84,8 @@ class SweepConfig:
     `[grid, a, b, ...]` (every value). Presets in conf/sweep/ (`sweep=default`, `sweep=tiny`)."""
     num_samples: int = 8
     """Trials sampled from the space (with `grid` domains: times the whole grid runs)."""
+    seed: int | None = 0
+    """Seed of the random search: the same seed samples the same trials; null = a fresh draw every run."""
     metric: str = "val_loss"
     """Validation metric that ranks trials and drives early stopping: `val_loss` or `val_ppl`."""
     mode: str = "min"

@@ -157,7 +157,8 @@ def tune_trials(plan: SweepPlan) -> list:
     tuner = tune.Tuner(
         trainable, param_space=nest({d.key: d.to_tune() for d in plan.domains}),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
-                                    scheduler=make_scheduler(plan), max_concurrent_trials=concurrency,
+                                    search_alg=search_algorithm(s.seed, concurrency),
+                                    scheduler=make_scheduler(plan),
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=plan.recipe.storage or str(plan.run_dir),
                                   failure_config=tune.FailureConfig(max_failures=0), callbacks=[log], verbose=0))
@@ -165,6 +166,13 @@ def tune_trials(plan: SweepPlan) -> list:
           f"{concurrency} at a time; {describe_scheduler(plan)}; W&B group {plan.recipe.group}", flush=True)
     tuner.fit()  # a failed trial is recorded, never raised
     return log.trials
+
+
+def search_algorithm(seed: int | None, max_concurrent: int):
+    """Tune's random/grid search, seeded (`sweep.seed`) so that a sweep samples the same trials again."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
 
 
 def trial_concurrency(job: JobConfig) -> int:
