@@ -30,10 +30,10 @@ from tokenizers import Tokenizer
 
 from .config import DataConfig
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
-from .storage import as_path, check_writable, is_remote, mirror_dir, remove_tree, upload
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
 from .sources import (SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate,
                       expand_sources, file_documents, split_documents)
+from .storage import as_path, check_writable, is_remote, mirror_dir, remove_tree, upload
 from .tokenizer import (Specials, check_specials, load_tokenizer, sentence_end_ids, sentinel_token,
                         train_tokenizer)
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_pipeline.storage import is_remote
+
 from .config import ConfigError, JobConfig
 from .strategies import strategy_configs
 
@@ -52,7 +54,7 @@ def plan_checkpoint_evaluation(job: JobConfig, plan) -> tuple[JobConfig, Checkpo
     from .train import CHECKPOINTS
 
     manifest = plan.manifest
-    if "://" in plan.storage_path:
+    if is_remote(plan.storage_path):
         raise ConfigError(f"eval.during_training: checkpoints in object storage ({plan.storage_path}) are not "
                           "evaluated during training; evaluate the model package afterwards (seqfoundry evaluate)")
     if "src" not in manifest.data.get("fields", ()):
@@ -141,7 +143,7 @@ def drain(actor, evaluation: CheckpointEvalPlan, *, wait_s: float) -> list[dict]
 
 
 def last_checkpoint(root: str) -> Path | None:
-    if "://" in root:  # remote storage: the rank-0 request stands alone
+    if is_remote(root):  # remote storage: the rank-0 request stands alone
         return None
     found = sorted(Path(root).glob("step_*"))
     return found[-1] if found else None

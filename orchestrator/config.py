@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, ObjectiveConfig
+from data_pipeline.storage import is_remote
 from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from trainers.decoding import DecodingConfig
 from trainers.models import ModelConfig
@@ -38,7 +39,7 @@ REMOTE_RUN_DIR_COMMANDS = "prepare, pretrain, finetune, export and evaluate"
 
 def require_local(key: str, value: str, command: str) -> None:
     """Refuse an object-storage URL for a folder that `command` can only use on a (shared) file system."""
-    if "://" in str(value) and not str(value).startswith("file://"):
+    if value and is_remote(value):
         raise ConfigError(f"{key}: {command} needs a local or shared folder, not {value} (object-storage URLs "
                           f"work with {REMOTE_RUN_DIR_COMMANDS})")
 

@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 
 from trainers.decoding import DecodingConfig
 from data_pipeline.storage import as_path, is_remote, local_copy
-from trainers.run_folder import RunFolder
 from trainers.package import (PackageError, check_compatible, read_lineage, read_model_config, sha256_file)
 
 from .cluster import ray_session
@@ -37,8 +36,10 @@ OUTPUTS = "eval_outputs.jsonl"
 
 
 def run(job: JobConfig) -> int:
+    from .train import run_folder
+
     spec = plan_evaluation(job)  # every check, before Ray starts
-    run = RunFolder.of(job.run.dir)  # an object-storage run.dir is written locally, then uploaded
+    run = run_folder(job.run.dir, writable=True)  # an object-storage run.dir is written locally, then uploaded
     run_dir = run.local
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import secrets
 import string
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

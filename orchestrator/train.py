@@ -292,12 +292,11 @@ def write_final_package(plan: Plan, run_info: dict, *, checkpoint: Path | None =
         parent_sha256=sha256_file(as_path(plan.pretrained) / "model.safetensors") if plan.pretrained else None,
         data_manifest_sha256=sha256_file(plan.manifest.path), config_sha256=plan.config_sha256,
         wandb_run_id=run_info["wandb_run_id"], step=int(tag.split("_")[1]))
-    target = url(out) if out else plan.run.where("model")
-    local_out = RunFolder(target).local
-    export_package(checkpoint, local_out, model_cfg=plan.model, tokenizer=plan.manifest.local_tokenizer_path(),
+    target = RunFolder.of(out) if out else RunFolder(plan.run.where("model"))
+    export_package(checkpoint, target.local, model_cfg=plan.model, tokenizer=plan.manifest.local_tokenizer_path(),
                    lineage=lineage, tag=tag)
-    RunFolder(target).push_all()
-    return target
+    target.push_all()
+    return target.location
 
 
 def run_export(job: JobConfig) -> int:

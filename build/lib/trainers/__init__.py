@@ -1,1 +1,0 @@
-"""Models, decoding strategies and (later) the distributed trainer."""
