@@ -57,6 +57,10 @@ class DataConfig:
     """Paragraphs of monolingual text shorter than this are dropped."""
     max_words: int = 120
     """Longer paragraphs are cut at sentence ends into samples of at most this many words."""
+    sample_tokens: int = 0
+    """Text pretraining (`task=text`): join each document's paragraphs and cut its token stream into samples
+    of about this many tokens (at most this many; more than half of it except a document's last), at
+    sentence ends when one falls in that window, so that batches stay full; 0 = one sample per paragraph."""
     valid_fraction: float = 0.05
     """Share of documents held out for validation (at least one when > 0)."""
     test_fraction: float = 0.05
@@ -117,6 +121,14 @@ class DataConfig:
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("min_words", "max_words", "shard_samples"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.sample_tokens >= 0, "sample_tokens", f"must be >= 0, got {self.sample_tokens}")
+        if self.sample_tokens:
+            _check(self.task == "text", "sample_tokens",
+                   f"cuts monolingual text for pretraining: needs data.task=text, got {self.task!r}")
+            longest = min(self.batch.max_source_len, self.batch.max_target_len) - 1
+            _check(self.sample_tokens <= longest, "sample_tokens",
+                   f"must fit the batch length limits (<= min(batch.max_source_len, batch.max_target_len) - 1"
+                   f" = {longest}), got {self.sample_tokens}")
         for key in ("valid_fraction", "test_fraction"):
             _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
         _check(self.valid_fraction + self.test_fraction < 1.0, "valid_fraction",

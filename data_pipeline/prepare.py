@@ -28,6 +28,7 @@ from typing import Iterator
 
 from tokenizers import Tokenizer
 
+from .chunks import token_chunks
 from .config import DataConfig
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
@@ -115,6 +116,8 @@ def output_settings(cfg: DataConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in keys}
     settings["sources"] = list(cfg.sources)
     settings["tokenizer"] = cfg.tokenizer
+    if cfg.sample_tokens:  # only when set: datasets prepared before the key existed keep their fingerprint
+        settings["sample_tokens"] = cfg.sample_tokens
     return settings
 
 
@@ -168,7 +171,8 @@ def run(plan: Plan, *, progress: bool = True, use_ray: bool = True) -> Manifest:
     tok, specials = build_tokenizer(plan)
     tok.save(str(staging / TOKENIZER_NAME))
     dtype = ids_dtype(tok.get_vocab_size())
-    written = write_splits(plan, tok.to_str(), dtype, staging / SHARDS_DIR, progress=progress, use_ray=use_ray)
+    written = write_splits(plan, tok.to_str(), dtype, staging / SHARDS_DIR, progress=progress, use_ray=use_ray,
+                           sentence_ends=specials.sentence_end_ids)
     data = manifest_data(plan, staging, written, specials, dtype, tok.get_vocab_size())
     write_manifest(staging / MANIFEST_NAME, data)
     publish(staging, plan.folder)
@@ -208,40 +212,48 @@ def count_sentinels(tok: Tokenizer) -> int:
 
 
 def split_rows(plan: Plan, split: str) -> list[Row]:
-    """Rows of a split in corpus order; keys `<document>-<record>` are unique in the dataset."""
+    """Rows of a split in corpus order; keys `<document>-<record>` are unique in the dataset.
+
+    With `data.sample_tokens` a row is a whole document (its paragraphs joined by a space), keyed
+    `<document>`; `tokenize_chunk` cuts it into samples `<document>-<chunk>`."""
     doc_index = {doc.id: i for i, doc in enumerate(d for s in SPLITS for d in plan.splits[s])}
+    if plan.cfg.sample_tokens:
+        return [(f"{doc_index[doc.id]:06d}", None, " ".join(rec.tgt for rec in doc.records))
+                for doc in plan.splits[split]]
     return [(f"{doc_index[doc.id]:06d}-{j:04d}", rec.src, rec.tgt)
             for doc in plan.splits[split] for j, rec in enumerate(doc.records)]
 
 
 def write_splits(plan: Plan, tok_json: str, dtype: str, out: Path, *, progress: bool,
-                 use_ray: bool = True) -> dict[str, list[WrittenShard]]:
+                 use_ray: bool = True, sentence_ends: tuple[int, ...] = ()) -> dict[str, list[WrittenShard]]:
     """Tokenize every split chunk by chunk (Ray tasks, or in-process) and write the shards in order."""
     from tqdm import tqdm
 
     rows = {split: split_rows(plan, split) for split in SPLITS}
     chunks = [(split, chunk) for split in SPLITS for chunk in _chunks(rows[split], plan.cfg.shard_samples)]
-    results = (_ray_map(tok_json, [c for _, c in chunks], dtype, plan.cfg.prepare_tasks) if use_ray
-               else (tokenize_chunk(tok_json, c, dtype) for _, c in chunks))
+    cut = (plan.cfg.sample_tokens, tuple(sentence_ends))
+    results = (_ray_map(tok_json, [c for _, c in chunks], dtype, plan.cfg.prepare_tasks, cut) if use_ray
+               else (tokenize_chunk(tok_json, c, dtype, *cut) for _, c in chunks))
     written: dict[str, list[WrittenShard]] = {}
     bar = tqdm(total=sum(map(len, rows.values())), unit="sample", desc=f"prepare {plan.folder.name}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     writer = None
-    for (split, _), samples in zip(chunks, results):
+    for (split, chunk), samples in zip(chunks, results):
         if writer is None or writer.split != split:
             if writer is not None:
                 written[writer.split] = writer.close()
             writer = SplitWriter(out, split, plan.cfg.shard_samples)
         for sample, n_tokens in samples:
             writer.write(sample, n_tokens)
-        bar.update(len(samples))
+        bar.update(len(chunk))
     if writer is not None:
         written[writer.split] = writer.close()
     bar.close()
     return written
 
 
-def _ray_map(tok_json: str, chunks: list[list[Row]], dtype: str, max_tasks: int) -> Iterator[list]:
+def _ray_map(tok_json: str, chunks: list[list[Row]], dtype: str, max_tasks: int,
+             cut: tuple = (0, ())) -> Iterator[list]:
     """tokenize_chunk over `chunks` as Ray tasks; results in submission order (never completion order)."""
     import ray
 
@@ -250,7 +262,7 @@ def _ray_map(tok_json: str, chunks: list[list[Row]], dtype: str, max_tasks: int)
     in_flight = max_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     window: deque = deque()
     for chunk in chunks:
-        window.append(tokenize.remote(tok_ref, chunk, dtype))
+        window.append(tokenize.remote(tok_ref, chunk, dtype, *cut))
         if len(window) >= in_flight:
             yield ray.get(window.popleft())
     while window:
@@ -262,10 +274,18 @@ def _chunks(rows: list[Row], size: int) -> Iterator[list[Row]]:
         yield rows[start:start + size]
 
 
-def tokenize_chunk(tok_json: str, rows: list[Row], dtype: str) -> list[tuple[dict, int]]:
-    """Ray task: encode a chunk of rows into ShardWriter samples (and their token counts)."""
+def tokenize_chunk(tok_json: str, rows: list[Row], dtype: str, sample_tokens: int = 0,
+                   sentence_ends: tuple[int, ...] = ()) -> list[tuple[dict, int]]:
+    """Ray task: encode a chunk of rows into ShardWriter samples (and their token counts).
+
+    With `sample_tokens` each row is a document, cut into samples of about that many tokens
+    (`chunks.token_chunks`, at sentence ends when it can)."""
     tok = Tokenizer.from_str(tok_json)
     tgt = tok.encode_batch([r[2] for r in rows], add_special_tokens=False)
+    if sample_tokens:
+        return [(encode_sample(f"{key}-{c:04d}", {"tgt": ids}, dtype), len(ids))
+                for (key, _, _), t in zip(rows, tgt)
+                for c, ids in enumerate(token_chunks(t.ids, sample_tokens, sentence_ends))]
     has_src = rows[0][1] is not None
     src = tok.encode_batch([r[1] for r in rows], add_special_tokens=False) if has_src else [None] * len(rows)
     out = []

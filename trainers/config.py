@@ -8,6 +8,9 @@ from dataclasses import dataclass
 FREEZE = ("none", "embeddings", "encoder")
 """What `trainer.freeze` may leave untrained."""
 
+SCHEDULES = ("cosine", "linear", "polynomial", "inverse_sqrt", "constant")
+"""Learning-rate decays after the linear warm-up (`trainer.schedule`)."""
+
 
 @dataclass
 class TrainerConfig:
@@ -38,9 +41,16 @@ class TrainerConfig:
     warmup_steps: int = 100
     """Linear warm-up steps from 0 to `lr`."""
     schedule: str = "cosine"
-    """Decay after warm-up: `cosine` (to `min_lr_ratio` x lr at max_steps), `inverse_sqrt` or `constant`."""
+    """Decay after warm-up: `cosine`, `linear` or `polynomial` (each from lr to `min_lr_ratio` x lr at
+    max_steps), `inverse_sqrt` (lr x sqrt(warmup_steps / step)) or `constant`."""
     min_lr_ratio: float = 0.1
-    """Floor of the cosine decay, as a fraction of `lr`."""
+    """End of the cosine, linear and polynomial decays, as a fraction of `lr` (0 decays to zero)."""
+    power: float = 1.0
+    """Exponent of the `polynomial` decay: lr_end + (lr - lr_end) x (1 - progress) ** power, where
+    lr_end = min_lr_ratio x lr and progress runs from 0 after warm-up to 1 at max_steps (1.0 = `linear`)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the training loss, in [0, 1): the target puts 1 - eps on the label and eps spread
+    evenly over the vocabulary (as `F.cross_entropy(label_smoothing=eps)`); validation loss stays unsmoothed."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     precision: str = "auto"
@@ -71,8 +81,12 @@ class TrainerConfig:
             raise ValueError(
                 f"trainer.global_batch_size: {self.global_batch_size} != micro_batch_size x grad_accum_steps "
                 f"x num_workers = {self.micro_batch_size} x {self.grad_accum_steps} x {self.num_workers}")
-        if self.schedule not in ("cosine", "inverse_sqrt", "constant"):
-            raise ValueError(f"trainer.schedule: must be cosine, inverse_sqrt or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"trainer.schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not self.power > 0:
+            raise ValueError(f"trainer.power: must be > 0, got {self.power}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"trainer.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
             raise ValueError("trainer.placement_strategy: must be PACK, SPREAD or STRICT_SPREAD, "
                              f"got {self.placement_strategy!r}")

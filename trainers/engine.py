@@ -57,8 +57,17 @@ def deepspeed_config(trainer: TrainerConfig, ds: DeepSpeedConfig, *, world_size:
 
 
 def lr_lambda(trainer: TrainerConfig):
-    """Multiplier of `trainer.lr` at each step: linear warm-up, then the chosen decay."""
+    """Multiplier of `trainer.lr` at each step: linear warm-up, then the chosen decay.
+
+    `step` counts optimizer steps from 0.  Warm-up: (step + 1) / warmup_steps.
+    After it, with progress = (step - warmup) / (max_steps - warmup) in [0, 1]
+    and floor = min_lr_ratio: cosine floor + (1 - floor) (1 + cos(pi progress)) / 2;
+    linear and polynomial floor + (1 - floor) (1 - progress) ** power (power 1
+    for linear; HF's `get_polynomial_decay_schedule_with_warmup`, fairseq's
+    `polynomial_decay`); inverse_sqrt sqrt(warmup / (step + 1)); constant 1.
+    """
     warmup, total, floor = trainer.warmup_steps, trainer.max_steps, trainer.min_lr_ratio
+    power = 1.0 if trainer.schedule == "linear" else trainer.power
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -68,6 +77,8 @@ def lr_lambda(trainer: TrainerConfig):
         if trainer.schedule == "inverse_sqrt":
             return math.sqrt(max(warmup, 1) / (step + 1))
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if trainer.schedule in ("linear", "polynomial"):
+            return floor + (1.0 - floor) * (1.0 - progress) ** power
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

@@ -1,9 +1,11 @@
 """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into fp32 weights and
-write a model package from it.  Runs in one process, no process group."""
+write a model package from it, optionally the average of several checkpoints'
+weights (`export.average_last`).  Runs in one process, no process group."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -45,11 +47,51 @@ def _zero_stage(tag_dir: Path) -> int:
     return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
 
 
+def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts with the same keys and shapes (checkpoint averaging).
+
+    Floating-point tensors are averaged in float64 and returned as float32
+    (the package's dtype); other tensors (integer buffers) must be equal in
+    every state and are taken as they are.  Raises PackageError naming the
+    first key that differs.
+    """
+    if not states:
+        raise PackageError("export.average_last: no checkpoints to average")
+    first = states[0]
+    for i, state in enumerate(states[1:], 1):
+        if state.keys() != first.keys():
+            differ = sorted(state.keys() ^ first.keys())
+            raise PackageError(f"export.average_last: checkpoint {i} has other weights than checkpoint 0 "
+                               f"(e.g. {differ[:3]})")
+    out = {}
+    for key, ref in first.items():
+        tensors = [state[key] for state in states]
+        if any(t.shape != ref.shape for t in tensors):
+            raise PackageError(f"export.average_last: {key} has different shapes across checkpoints")
+        if ref.is_floating_point():
+            out[key] = (sum(t.double() for t in tensors) / len(tensors)).float()
+        elif all(torch.equal(t, ref) for t in tensors):
+            out[key] = ref.clone()
+        else:
+            raise PackageError(f"export.average_last: non-float tensor {key} differs across checkpoints")
+    return out
+
+
 def export_package(checkpoint_dir: str | Path, out_dir: str | Path, *, model_cfg: ModelConfig,
-                   tokenizer: str | Path, lineage: Lineage, tag: str | None = None) -> Path:
-    """Write the model package of a checkpoint (consolidated fp32 weights)."""
+                   tokenizer: str | Path, lineage: Lineage, tag: str | None = None,
+                   average: Sequence[str | Path] = ()) -> Path:
+    """Write the model package of a checkpoint (consolidated fp32 weights).
+
+    `average`: further checkpoint folders (each the latest tag of its folder);
+    the package then holds the mean of the weights of `checkpoint_dir` and
+    these, and `lineage.extra["averaged_checkpoints"]` names them all.
+    """
     model = build_model(model_cfg)
     state = consolidated_state_dict(checkpoint_dir, tag)
+    if average:
+        state = average_state_dicts([state, *(consolidated_state_dict(d) for d in average)])
+        names = [Path(checkpoint_dir).name, *(Path(d).name for d in average)]
+        lineage.extra = {**lineage.extra, "averaged_checkpoints": names}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if _is_tied_alias(model, k)}
     if set(missing) - tied or unexpected:

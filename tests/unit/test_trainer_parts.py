@@ -23,7 +23,7 @@ TINY = ModelConfig(vocab_size=40, d_model=16, num_encoder_layers=1, num_decoder_
 
 @pytest.mark.parametrize("kwargs, key", [
     (dict(global_batch_size=10, micro_batch_size=4, grad_accum_steps=2, num_workers=1), "trainer.global_batch_size"),
-    (dict(schedule="linear"), "trainer.schedule"),
+    (dict(schedule="step"), "trainer.schedule"),
     (dict(precision="fp8"), "trainer.precision"),
     (dict(max_steps=0), "trainer.max_steps"),
     (dict(lr=0.0), "trainer.lr"),
