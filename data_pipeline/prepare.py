@@ -33,7 +33,7 @@ from .config import DataConfig
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
 from .sources import (SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate,
-                      expand_sources, file_documents, split_documents)
+                      expand_sources, file_documents, source_names, split_documents)
 from .storage import as_path, check_writable, is_remote, mirror_dir, remove_tree, upload
 from .tokenizer import (Specials, check_specials, load_tokenizer, sentence_end_ids, sentinel_token,
                         train_tokenizer)
@@ -100,8 +100,9 @@ def collect_documents(cfg: DataConfig) -> list[Document]:
 
 def describe_source(cfg: DataConfig) -> dict:
     if cfg.sources:
-        source: dict = {"files": [{"path": str(p.resolve()), "sha256": sha256_file(p)}
-                                  for p in expand_sources(cfg.sources)]}
+        files = expand_sources(cfg.sources)
+        source: dict = {"files": [{"path": str(p.resolve()), "name": name, "sha256": sha256_file(p)}
+                                  for p, name in zip(files, source_names(files))]}
     else:
         source = {"corpus": builtin_corpus_name()}
     if cfg.tokenizer:
@@ -122,7 +123,13 @@ def output_settings(cfg: DataConfig) -> dict:
 
 
 def fingerprint(cfg: DataConfig, splits: dict[str, list[Document]], source: dict) -> str:
-    h = hashlib.sha256(json.dumps([FORMAT, output_settings(cfg), source], sort_keys=True).encode())
+    """sha256 of what decides the output bytes; where the sources lie does not (their names under the
+    source root and their sha256 do), so a moved corpus is recognised as the same dataset."""
+    settings = {**output_settings(cfg), "sources": [f["name"] for f in source.get("files", [])],
+                "tokenizer": "reused" if cfg.tokenizer else ""}  # the reused tokenizer's sha256 is in `source`
+    located = {**source, "files": [{k: v for k, v in f.items() if k != "path"} for f in source["files"]]} \
+        if "files" in source else source
+    h = hashlib.sha256(json.dumps([FORMAT, settings, located], sort_keys=True).encode())
     for split in SPLITS:
         for doc in splits[split]:
             h.update(json.dumps([split, doc.id, [asdict(r) for r in doc.records]]).encode())

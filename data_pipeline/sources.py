@@ -2,7 +2,11 @@
 
 A *document* is the unit of the train/valid/test split: one module of the
 built-in corpus, one text file, or one JSONL line (or all lines sharing a
-`doc` value). A *record* is one future sample: a clean text (`tgt`) and, for
+`doc` value). Its id, which the split hashes, never holds where the corpus
+lies: a module path for the built-in corpus, and for files the path relative
+to the *source root*, the deepest folder that holds every source file (so
+`/a/corpus/x.jsonl` line 3 is `x.jsonl:3`, and a copy of the corpus in
+another folder, or on another machine, prepares to the same bytes). A *record* is one future sample: a clean text (`tgt`) and, for
 supervised tasks, a source text (`src`).
 
 Tasks (`data.task`):
@@ -47,7 +51,7 @@ class Record:
 @dataclass
 class Document:
     id: str
-    """Stable name: module path, file path or JSONL `file:line`/`doc` value."""
+    """Stable name: module path, file path relative to the source root, or JSONL `file:line`/`file:doc`."""
     records: list[Record]
 
 
@@ -198,25 +202,41 @@ def is_pairs_file(path: str | Path) -> bool:
     return str(path).endswith((".jsonl", ".jsonl.txt"))
 
 
+def source_names(files: list[Path]) -> list[str]:
+    """Each file's path relative to the source root (the deepest folder holding them all), POSIX style.
+
+    Unique for distinct files, and the same wherever the folder tree that holds
+    the corpus is copied: the document ids, hence the split, depend on it.
+    """
+    if not files:
+        return []
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+    return [p.relative_to(root).as_posix() for p in absolute]
+
+
 def file_documents(files: list[Path], task: str, limits: TextLimits) -> Iterator[Document]:
     """Documents of text files (one per file) or JSONL pair files (one per line or `doc`)."""
-    for path in files:
+    for path, name in zip(files, source_names(files)):
         if task == "pairs":
-            yield from jsonl_documents(path)
+            yield from jsonl_documents(path, name)
             continue
         texts = paragraphs(path.read_text(encoding="utf-8", errors="replace"), limits)
         if texts:
-            yield Document(str(path), to_records(texts, task))
+            yield Document(name, to_records(texts, task))
 
 
-def jsonl_documents(path: Path) -> Iterator[Document]:
+def jsonl_documents(path: Path, name: str | None = None) -> Iterator[Document]:
+    """One document a line, or a line group sharing a `doc` value; ids `<name>:<line>` / `<name>:<doc>`
+    (`name` defaults to the file's name)."""
+    name = path.name if name is None else name
     docs: dict[str, Document] = {}  # insertion-ordered: first appearance of each document
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             row = _pair_row(line, path, lineno)
-            doc_id = f"{path}:{row['doc']}" if "doc" in row else f"{path}:{lineno}"
+            doc_id = f"{name}:{row['doc']}" if "doc" in row else f"{name}:{lineno}"
             docs.setdefault(doc_id, Document(doc_id, [])).records.append(
                 Record(tgt=" ".join(str(row["tgt"]).split()), src=" ".join(str(row["src"]).split())))
     yield from docs.values()

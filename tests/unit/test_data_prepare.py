@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +161,40 @@ def test_ids_fit_uint16_and_match_the_vocabulary(prepared):
     sample = next(iter(ShardStream(prepared.path, rank=0, world_size=1, seed=0)))
     assert sample["tgt"].dtype == np.dtype("<u2") and int(sample["tgt"].max()) < prepared.vocab_size
     assert len(special_tokens(8)) == 13
+
+
+PREPARE_IN_SUBPROCESS = """
+import sys
+from data_pipeline import DataConfig, prepare
+corpus, out = sys.argv[1], sys.argv[2]
+prepare(DataConfig(dir=out, task="pairs", sources=[corpus + "/*.jsonl"], vocab_size=320, num_sentinels=4,
+                   shard_samples=8, valid_fraction=0.2, test_fraction=0.2), progress=False, use_ray=False)
+"""
+
+
+def test_prepare_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    """The same files in two folders (two processes, two hash seeds) give the same tokenizer and shards."""
+    first = tmp_path / "one" / "corpus"
+    first.mkdir(parents=True)
+    lines = [json.dumps({"src": f"zahl {i} steht hier {i % 7}", "tgt": f"number {i} stands here {i % 7}"})
+             for i in range(40)]
+    (first / "a.jsonl").write_text("\n".join(lines[:20]) + "\n")
+    grouped = [json.dumps({**json.loads(line), "doc": f"g{i % 5}"}) for i, line in enumerate(lines[20:])]
+    (first / "b.jsonl").write_text("\n".join(grouped) + "\n")
+    second = tmp_path / "elsewhere" / "deeper" / "copy"
+    shutil.copytree(first, second)
+    outs = []
+    for n, corpus in enumerate((first, second)):
+        out = tmp_path / f"out{n}"
+        env = {**os.environ, "PYTHONHASHSEED": str(n + 1)}
+        subprocess.run([sys.executable, "-c", PREPARE_IN_SUBPROCESS, str(corpus), str(out)], check=True,
+                       cwd=Path(__file__).parents[2], env=env)
+        outs.append(out)
+    a, b = (file_digests(o) for o in outs)
+    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
+    ma, mb = (json.loads((o / "manifest.json").read_text()) for o in outs)
+    for m in (ma, mb):  # where the sources lie is all that may differ
+        m["config"].pop("sources")
+        for f in m["source"]["files"]:
+            f.pop("path")
+    assert ma == mb
