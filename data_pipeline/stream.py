@@ -4,18 +4,36 @@ Order and rank split: see `data_pipeline.order` (a global order per
 (seed, epoch); rank r takes every W-th remaining position; equal counts by
 repeating or dropping < W samples).
 
-State. `state_dict()` describes this rank: the segment it started from, how
-many samples of its sequence it has consumed (a prefix) and the few indices
-consumed beyond that prefix (a consumer that reorders, such as length
-bucketing, uses samples out of order). `load_state_dict(state)`:
+State. `state_dict()` describes this rank: its epoch, the segment it started
+that epoch from, how many samples of its sequence it has consumed (a prefix)
+and the few indices consumed beyond that prefix (a consumer that reorders,
+such as length bucketing, uses samples out of order), plus `segments`: the
+segment starts of other epochs that do not start from scratch (see below).
+`load_state_dict(state)`:
 - the rank's own state, same world size → **exact resume**: exactly the rest
-  of its sequence;
+  of its sequence, in its own epoch;
 - anything else (another rank's state, another world size) → **elastic
   resume**: the state is turned into a global cursor and the remaining
   positions are split over the new world size. From one rank's state this
-  assumes ranks moved in lockstep (consumed the same number of samples); pass
-  the list of every rank's state (or `merge_states(states)`) and nothing is
-  replayed or skipped whatever each rank consumed.
+  assumes ranks moved in lockstep (same epoch, same number of samples
+  consumed); pass the list of every rank's state (or `merge_states(states)`)
+  and nothing is replayed or skipped whatever each rank consumed.
+
+Ranks in different epochs. Ranks do not finish an epoch together: token-budget
+batching gives them unequal batch counts, and a step-based loop takes one
+batch a rank a step, so a rank with fewer batches moves on first (and the gap
+grows epoch after epoch). A state is therefore taken with rank r in epoch
+e_r. Merging every rank's state gives, for each epoch e from min(e_r) to
+max(e_r), the set of its global positions consumed so far: a rank past e
+consumed its whole share of e, a rank in e its prefix and extras, a rank
+before e nothing. The merged state starts at e_min with that epoch's
+remaining positions and carries the other epochs' consumed sets as
+`segments` ({epoch, cursor, done}: every position below `cursor` or in `done`
+is consumed). A stream keeps them: `set_epoch(e)` plays only what epoch e has
+left. So after a resume on any world size from any step, every epoch the old
+ranks had begun is finished exactly once (apart from the < W repeated or
+dropped positions of the `remainder` rule, per segment), and later epochs
+start from scratch. The new ranks start level, in epoch e_min.
 
 Workers. Inside a DataLoader each worker plays a sub-slice of the rank's
 sequence (round-robin by sample, or by blocks of `block` samples). Samples
@@ -123,7 +141,8 @@ class ShardStream(IterableDataset):
         self.num_samples_total = sum(s.samples for s in self.shards)
         self.epoch = 0
         self.unreadable_reads = 0  # shards that failed while being read in this process (warned, skipped)
-        self._restart(Segment(world_size), Progress())
+        self._segments: dict[int, tuple[int, tuple[int, ...]]] = {}  # epoch -> (cursor, done) not from scratch
+        self._restart(self._segment_of(0), Progress())
 
     # --- counters ---------------------------------------------------------------
 
@@ -145,10 +164,15 @@ class ShardStream(IterableDataset):
     # --- epoch and state -------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Play epoch `epoch` from its beginning (no-op if it is the current epoch, e.g. after a resume)."""
+        """Play epoch `epoch` from its beginning, or from what a merged state left of it (no-op if it
+        is the current epoch, e.g. after a resume)."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self._restart(Segment(self.world_size), Progress())
+            self._restart(self._segment_of(epoch), Progress())
+
+    def _segment_of(self, epoch: int) -> Segment:
+        cursor, done = self._segments.get(epoch, (0, ()))
+        return Segment(self.world_size, cursor, done)
 
     def state_dict(self, consumed: Progress | Iterable[int] | int | None = None) -> dict:
         """This rank's position after what this object yielded itself, or after `consumed`: the
@@ -164,7 +188,8 @@ class ShardStream(IterableDataset):
             progress = self._start.copy().update(consumed)
         return {**self._identity(), "epoch": self.epoch, "world_size": self._segment.world_size,
                 "cursor": self._segment.cursor, "done": list(self._segment.done), "rank": self.rank,
-                "consumed": progress.prefix, "extra": sorted(progress.extra)}
+                "consumed": progress.prefix, "extra": sorted(progress.extra),
+                "segments": _segment_list(self._segments)}
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Continue from `state` (this rank's, another rank's, or a list of every rank's)."""
@@ -172,12 +197,15 @@ class ShardStream(IterableDataset):
             state = merge_states(list(state))
         self._check_identity(state)
         self.epoch = state["epoch"]
+        self._segments = _segment_dict(state.get("segments", []))
         if state["rank"] == self.rank and state["world_size"] == self.world_size:
             segment = Segment(self.world_size, state["cursor"], tuple(state["done"]))
             self._restart(segment, Progress(state["consumed"], state["extra"]))
         else:
             cursor, done = global_cursor(state)
-            self._restart(Segment(self.world_size, cursor, done), Progress())
+            self._segments = {e: seg for e, seg in self._segments.items() if e > self.epoch}
+            self._segments[self.epoch] = (cursor, done)
+            self._restart(self._segment_of(self.epoch), Progress())
 
     def _identity(self) -> dict:
         digest = hashlib.sha256("".join(s.sha256 for s in self.shards).encode()).hexdigest()[:16]
@@ -309,28 +337,61 @@ def remote_sizes(shards: list[ShardInfo]) -> dict[str, int]:
 
 
 def merge_states(states: list[dict]) -> dict:
-    """One state from every rank's state (all taken at the same point of one run).
+    """One state from every rank's state (all taken at the same step of one run; ranks may be in
+    different epochs).
 
-    The result holds a global cursor and the positions consumed beyond it; it
-    loads into any world size with nothing replayed or skipped.
+    The result starts at the earliest epoch any rank is in, with a global cursor
+    and the positions consumed beyond it; later epochs that ranks ahead have
+    begun travel in `segments`. It loads into any world size with nothing
+    replayed or skipped (see the module docstring).
     """
     first = states[0]
     w = first["world_size"]
     if w is None or sorted(s["rank"] for s in states) != list(range(w)):
         raise ValueError(f"merge_states needs one state per rank 0..{w}-1, got ranks {[s['rank'] for s in states]}")
     for s in states:
-        for key in ("epoch", "world_size", "cursor", "done", "seed", "num_samples", "shards", "remainder"):
+        for key in ("world_size", "seed", "shuffle", "num_samples", "shards", "remainder"):
             if s[key] != first[key]:
-                raise ValueError(f"merge_states: ranks disagree on {key!r} (states of different runs or times)")
-    n, segment = first["num_samples"], Segment(w, first["cursor"], tuple(first["done"]))
-    consumed = np.zeros(len(segment_positions(n, segment, first["remainder"])), dtype=bool)
+                raise ValueError(f"merge_states: ranks disagree on {key!r} (states of different runs)")
+        if _segment_dict(s.get("segments", [])) != _segment_dict(first.get("segments", [])):
+            raise ValueError("merge_states: ranks disagree on 'segments' (states of different runs or resumes)")
+    pending = _segment_dict(first.get("segments", []))
+    lo, hi = min(s["epoch"] for s in states), max(s["epoch"] for s in states)
+    merged = {e: seg for e, seg in pending.items() if e > hi}
+    for epoch in range(lo, hi + 1):
+        merged[epoch] = _merge_epoch(states, epoch, pending.get(epoch, (0, ())))
+    current = merged.pop(lo)
+    return {**first, "epoch": lo, "world_size": None, "rank": None, "cursor": current[0], "done": list(current[1]),
+            "consumed": 0, "extra": [], "segments": _segment_list(merged)}
+
+
+def _merge_epoch(states: list[dict], epoch: int, start: tuple[int, tuple[int, ...]]) -> tuple[int, tuple[int, ...]]:
+    """(cursor, done) of `epoch` after every rank's share of it: all of it for ranks past it, the
+    consumed indices for ranks in it, nothing for ranks before it."""
+    inside = {(s["cursor"], tuple(s["done"])) for s in states if s["epoch"] == epoch}
+    if len(inside) > 1:
+        raise ValueError(f"merge_states: ranks in epoch {epoch} disagree on where it started (states of "
+                         "different runs or times)")
+    cursor, done = inside.pop() if inside else start
+    n, w, rule = states[0]["num_samples"], states[0]["world_size"], states[0]["remainder"]
+    segment = Segment(w, cursor, tuple(done))
+    consumed = np.zeros(len(segment_positions(n, segment, rule)), dtype=bool)
     for s in states:
         mine = np.arange(s["rank"], len(consumed), w)
-        consumed[mine[:s["consumed"]]] = True
-        consumed[mine[[i for i in s["extra"] if i < len(mine)]]] = True
-    cursor, done = compact(n, segment, first["remainder"], consumed)
-    return {**first, "world_size": None, "rank": None, "cursor": cursor, "done": list(done),
-            "consumed": 0, "extra": []}
+        if s["epoch"] > epoch:
+            consumed[mine] = True
+        elif s["epoch"] == epoch:
+            consumed[mine[:s["consumed"]]] = True
+            consumed[mine[[i for i in s["extra"] if i < len(mine)]]] = True
+    return compact(n, segment, rule, consumed)
+
+
+def _segment_dict(segments: list[dict]) -> dict[int, tuple[int, tuple[int, ...]]]:
+    return {int(s["epoch"]): (int(s["cursor"]), tuple(int(p) for p in s["done"])) for s in segments}
+
+
+def _segment_list(segments: dict[int, tuple[int, tuple[int, ...]]]) -> list[dict]:
+    return [{"epoch": e, "cursor": c, "done": list(d)} for e, (c, d) in sorted(segments.items())]
 
 
 def global_cursor(state: dict) -> tuple[int, tuple[int, ...]]:
