@@ -3,6 +3,13 @@
 A sample is stored as tar members `<key>.tgt.<u16|u32>` (and `<key>.src.<…>`
 for pairs): raw little-endian token ids, no bos/eos. Tar headers are fixed
 (mtime 0 as an int, so no PAX headers; owner `seqfoundry`; mode 0444), so the same samples give the same bytes.
+
+Shards are untrusted input (a bucket others can write, a manifest that agrees
+with altered files): a shard is read whole into memory only up to
+`MAX_SHARD_BYTES`, member names must be `<key>.<field>.<u16|u32>` with a plain
+field name, and anything else makes the shard unreadable (`ShardCorrupt`).
+Token ids are range-checked by the reader that knows the vocabulary
+(`ShardStream`, which skips and counts a bad sample).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from .storage import as_path, is_remote, sha256_file  # noqa: F401  (sha256_file
 SUFFIX_OF_DTYPE = {"uint16": "u16", "uint32": "u32"}
 DTYPE_OF_SUFFIX = {v: np.dtype(k).newbyteorder("<") for k, v in SUFFIX_OF_DTYPE.items()}
 BLOCK = 512
+MAX_SHARD_BYTES = 1 << 30
+"""The most bytes of one shard held in memory (1 GiB): `read_shard` refuses a larger file before reading
+it, naming it. `prepare` writes shards of tens of MB (`data.shard_samples`); a shard over this is not ours."""
 
 
 class ShardCorrupt(Exception):
@@ -80,16 +90,16 @@ class SplitWriter:
 
 
 def read_shard(path: str | Path, *, expect_samples: int, check_headers: bool = True,
-               sha256: str | None = None) -> list[dict]:
+               sha256: str | None = None, max_bytes: int = MAX_SHARD_BYTES) -> list[dict]:
     """All samples of a shard, in file order: `{"__key__", "tgt"[, "src"]}` with numpy id arrays.
 
     `path` may be a local path or an object-storage URL (read in one request).
     The arrays are views of the shard's bytes (no copy). Raises ShardCorrupt when
-    the file cannot be read, is malformed, differs from `sha256` (when given),
-    or holds a different number of samples.
+    the file cannot be read, is larger than `max_bytes`, is malformed, differs
+    from `sha256` (when given), or holds a different number of samples.
     """
     try:
-        buf = _read_all(as_path(path))
+        buf = _read_all(as_path(path), max_bytes)
     except OSError as err:
         raise ShardCorrupt(f"{path}: {err.strerror or err}") from None
     if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
@@ -104,12 +114,26 @@ def read_shard(path: str | Path, *, expect_samples: int, check_headers: bool = T
     return samples
 
 
-def _read_all(path: Path) -> bytearray:
+def over_cap(path: str | Path, size: int, max_bytes: int) -> str:
+    return (f"{path}: {size} bytes, over the {max_bytes}-byte cap on one shard in memory "
+            "(data_pipeline.shards.MAX_SHARD_BYTES; prepare smaller shards with data.shard_samples)")
+
+
+def _read_all(path: Path, max_bytes: int) -> bytearray:
     # A bytearray, so that the numpy views are writable (torch warns about read-only ones).
     with path.open("rb") as f:
         if is_remote(path):
-            return bytearray(f.read())
-        buf = bytearray(os.fstat(f.fileno()).st_size)
+            size = getattr(f, "size", None)
+            if size is not None and size > max_bytes:
+                raise ShardCorrupt(over_cap(path, size, max_bytes))
+            buf = bytearray(f.read(max_bytes + 1))  # a lying size: never more than the cap (+1 to tell)
+            if len(buf) > max_bytes:
+                raise ShardCorrupt(over_cap(path, len(buf), max_bytes))
+            return buf
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise ShardCorrupt(over_cap(path, size, max_bytes))
+        buf = bytearray(size)
         n = f.readinto(buf)
     return buf if n == len(buf) else buf[:n]
 
@@ -161,10 +185,16 @@ def _group(buf: bytearray, members: Iterable[tuple[str, int, int]]) -> list[dict
     """Consecutive members `<key>.<field>.<suffix>` → one dict per key."""
     samples: list[dict] = []
     current: dict = {"__key__": None}
+    keys: set[str] = set()
     for name, offset, size in members:
         key, field_name, suffix = name.rsplit("/", 1)[-1].split(".")
+        if not field_name.isidentifier() or field_name.startswith("_"):
+            raise ValueError(f"member {name!r}: {field_name!r} is not a field name")
         dtype = DTYPE_OF_SUFFIX[suffix]
         if current["__key__"] != key:
+            if key in keys:
+                raise ValueError(f"key {key!r} appears twice")
+            keys.add(key)
             current = {"__key__": key}
             samples.append(current)
         current[field_name] = np.frombuffer(buf, dtype=dtype, count=size // dtype.itemsize, offset=offset)

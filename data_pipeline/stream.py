@@ -35,6 +35,15 @@ ranks had begun is finished exactly once (apart from the < W repeated or
 dropped positions of the `remainder` rule, per segment), and later epochs
 start from scratch. The new ranks start level, in epoch e_min.
 
+Untrusted shards. A shard that is missing, of the wrong size or sha256, over
+`max_shard_bytes`, or malformed is skipped with a `CorruptShardWarning` and
+counted (`num_bad_shards`); a sample whose token ids are not all below the
+manifest's `vocab_size`, or that lacks one of the manifest's fields, is skipped
+with a warning and counted (`num_bad_samples`; it counts as played, so a resume
+does not meet it again). Every shard bad → `NoReadableShardsError` up front,
+or, when only reading finds out (`verify=size`, remote shards), at the end of
+the first pass that yields nothing: never an endless loop over empty epochs.
+
 Workers. Inside a DataLoader each worker plays a sub-slice of the rank's
 sequence (round-robin by sample, or by blocks of `block` samples). Samples
 carry `__index__`, their index in the rank's sequence; the stream object in
@@ -56,7 +65,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest, ShardInfo
 from .order import REMAINDER_RULES, EpochOrder, Segment, compact, rank_positions, segment_positions
-from .shards import ShardCorrupt, read_shard, sha256_file
+from .shards import MAX_SHARD_BYTES, ShardCorrupt, over_cap, read_shard, sha256_file
 from .storage import is_remote
 
 STATE_VERSION = 1
@@ -120,19 +129,23 @@ class ShardStream(IterableDataset):
         split: `train`, `valid`, `test`, or None for every shard of the manifest.
         remainder: `repeat` (default) or `drop`: how every rank gets the same count.
         verify: `sha256` checks every byte of every shard up front, `size` only the sizes.
+        max_shard_bytes: a larger shard is skipped unread (it would be held in memory whole).
     """
 
     def __init__(self, manifest: str | Path, *, rank: int, world_size: int, seed: int, shuffle: bool = True,
-                 split: str | None = None, remainder: str = "repeat", verify: str = "sha256"):
+                 split: str | None = None, remainder: str = "repeat", verify: str = "sha256",
+                 max_shard_bytes: int = MAX_SHARD_BYTES):
         super().__init__()
         _check_args(rank, world_size, seed, remainder, verify)
         self.manifest = Manifest.load(manifest)
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.split, self.remainder = split, remainder
+        self.split, self.remainder, self.max_shard_bytes = split, remainder, max_shard_bytes
+        self.vocab_size = int(self.manifest.data["vocab_size"])
+        self.fields = tuple(self.manifest.data.get("fields", ["tgt"]))
         # Remote shards are hashed as they are read (one download each), not all up front on every rank.
         self._sha256_on_read = verify == "sha256" and self.manifest.is_remote
         upfront = "size" if self._sha256_on_read else verify
-        self.shards, self.bad_shards = usable_shards(self.manifest.shards(split), upfront)
+        self.shards, self.bad_shards = usable_shards(self.manifest.shards(split), upfront, max_shard_bytes)
         self._check_headers = verify != "sha256"  # after a sha256 check, tar header checksums add nothing
         if not self.shards:
             raise NoReadableShardsError(f"{self.manifest.path}: no readable shard"
@@ -141,6 +154,7 @@ class ShardStream(IterableDataset):
         self.num_samples_total = sum(s.samples for s in self.shards)
         self.epoch = 0
         self.unreadable_reads = 0  # shards that failed while being read in this process (warned, skipped)
+        self.num_bad_samples = 0  # samples skipped in this process: ids outside the vocabulary, missing fields
         self._segments: dict[int, tuple[int, tuple[int, ...]]] = {}  # epoch -> (cursor, done) not from scratch
         self._restart(self._segment_of(0), Progress())
 
@@ -237,11 +251,15 @@ class ShardStream(IterableDataset):
         shards, offsets = order.locate(positions[indices])
         self._progress = progress = self._start.copy()
         reader = _ShardCache(self, order)
+        yielded = 0
         for index, shard, offset in zip(indices.tolist(), shards.tolist(), offsets.tolist()):
             sample = reader.get(shard, offset)
             progress.add(index)  # a sample of an unreadable shard counts as played
             if sample is not None:
+                yielded += 1
                 yield {**sample, "__index__": index}
+        if not yielded and len(indices) and reader.failed:
+            reader.check_any_usable()  # else every later epoch would be empty too: stop, don't spin
 
     def _positions(self) -> np.ndarray:
         return rank_positions(self.num_samples_total, self._segment, self.rank, self.remainder)
@@ -263,12 +281,13 @@ class ShardStream(IterableDataset):
 
 
 class _ShardCache:
-    """Reads the shard a position falls in, keeping the last one; skips unreadable shards."""
+    """Reads the shard a position falls in, keeping the last one; skips unreadable shards and bad samples."""
 
     def __init__(self, stream: ShardStream, order: EpochOrder):
         self.stream, self.order = stream, order
         self.shard, self.samples, self.sample_order = -1, None, None
-        self.failed: set[int] = set()
+        self.bad: set[int] = set()  # file-order indices of the current shard's bad samples
+        self.failed: dict[int, str] = {}  # shard -> why it is unusable
 
     def get(self, shard: int, offset: int) -> dict | None:
         if shard in self.failed:
@@ -276,29 +295,62 @@ class _ShardCache:
         if shard != self.shard:
             if not self._load(shard):
                 return None
-        return self.samples[self.sample_order[offset]]
+        i = self.sample_order[offset]
+        if i in self.bad:
+            self.stream.num_bad_samples += 1
+            return None
+        return self.samples[i]
 
     def _load(self, shard: int) -> bool:
         info = self.stream.shards[shard]
         try:
-            self.samples = read_shard(info.path, expect_samples=info.samples,
-                                      check_headers=self.stream._check_headers,
-                                      sha256=info.sha256 if self.stream._sha256_on_read else None)
+            samples = read_shard(info.path, expect_samples=info.samples, check_headers=self.stream._check_headers,
+                                 sha256=info.sha256 if self.stream._sha256_on_read else None,
+                                 max_bytes=self.stream.max_shard_bytes)
+            bad = bad_samples(samples, self.stream.fields, self.stream.vocab_size)
+            if bad and len(bad) == len(samples):
+                raise ShardCorrupt(f"{info.path}: no usable sample ({bad_reason(samples, bad, self.stream)})")
         except ShardCorrupt as err:
             warnings.warn(f"skipping unreadable shard {err}", CorruptShardWarning, stacklevel=4)
             self.stream.unreadable_reads += 1
-            self.failed.add(shard)
+            self.failed[shard] = str(err)
             return False
-        self.shard, self.sample_order = shard, self.order.sample_order(shard)
+        if bad:
+            warnings.warn(f"skipping {info.path}: {len(bad)} sample{'s' * (len(bad) > 1)} "
+                          f"{bad_reason(samples, bad, self.stream)}", CorruptShardWarning, stacklevel=4)
+        self.shard, self.samples, self.bad, self.sample_order = shard, samples, bad, self.order.sample_order(shard)
         return True
 
+    def check_any_usable(self) -> None:
+        """NoReadableShardsError unless some shard of the stream (tried now if not yet) has a usable sample."""
+        for shard in range(len(self.stream.shards)):
+            if shard not in self.failed and (shard == self.shard or self._load(shard)):
+                return
+        problems = [*self.stream.bad_shards.values(), *self.failed.values()]
+        raise NoReadableShardsError(f"{self.stream.manifest.path}: rank {self.stream.rank} has no readable shard: "
+                                    + "; ".join(problems))
 
-def usable_shards(shards: list[ShardInfo], verify: str) -> tuple[list[ShardInfo], dict[str, str]]:
+
+def bad_samples(samples: list[dict], fields: tuple[str, ...], vocab_size: int) -> set[int]:
+    """File-order indices of samples that lack a field or hold a token id >= vocab_size."""
+    return {i for i, s in enumerate(samples)
+            if any(f not in s or (len(s[f]) and int(s[f].max()) >= vocab_size) for f in fields)}
+
+
+def bad_reason(samples: list[dict], bad: set[int], stream: ShardStream) -> str:
+    missing = sum(1 for i in bad if any(f not in samples[i] for f in stream.fields))
+    parts = [f"with token ids >= {stream.vocab_size} (the vocabulary)"] if len(bad) > missing else []
+    parts += [f"without a field of {list(stream.fields)}"] if missing else []
+    return " or ".join(parts)
+
+
+def usable_shards(shards: list[ShardInfo], verify: str,
+                  max_bytes: int = MAX_SHARD_BYTES) -> tuple[list[ShardInfo], dict[str, str]]:
     """Shards that pass the check, and {path: reason} for those that do not (each warned about)."""
     good, bad = [], {}
     sizes = remote_sizes(shards) if shards and is_remote(shards[0].path) else None
     for info in shards:
-        reason = shard_problem(info, verify, sizes)
+        reason = shard_problem(info, verify, sizes, max_bytes)
         if reason is None:
             good.append(info)
         else:
@@ -307,8 +359,11 @@ def usable_shards(shards: list[ShardInfo], verify: str) -> tuple[list[ShardInfo]
     return good, bad
 
 
-def shard_problem(info: ShardInfo, verify: str, sizes: dict[str, int] | None = None) -> str | None:
+def shard_problem(info: ShardInfo, verify: str, sizes: dict[str, int] | None = None,
+                  max_bytes: int = MAX_SHARD_BYTES) -> str | None:
     """Why a shard can't be used, or None; `sizes` (remote shards) holds the listed size of every object."""
+    if info.bytes > max_bytes:
+        return over_cap(info.path, info.bytes, max_bytes).split(": ", 1)[1]
     if sizes is not None:
         size = sizes.get(info.path.path)
         if size is None:
