@@ -1,0 +1,171 @@
+"""`export.format=ctranslate2` and the decoding engines: the CTranslate2 model
+decodes exactly as ours in float32; converted models are cached per compute type."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.helpers.tiny_package import sources, tiny_model, tiny_package, trained_tiny_model
+from trainers.decoding import DecodingConfig
+from trainers.engines import check_engine, load_engine, pad_sources, translate_options
+from trainers.export_ct2 import MARKER, ct2_model_for, export_ctranslate2
+from trainers.models import ModelConfig, build_model
+from trainers.package import Lineage, write_package
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+VARIANTS = [dict(norm_first=True, positions="sinusoidal"), dict(norm_first=True, positions="learned"),
+            dict(norm_first=False, positions="sinusoidal"), dict(norm_first=False, positions="learned", activation="relu")]
+IDS = ["pre-sinusoidal", "pre-learned", "post-sinusoidal", "post-learned-relu"]
+MAX_LEN = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CPU is shared: one torch thread (the engines here run one CTranslate2 thread too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=range(len(VARIANTS)), ids=IDS)
+def engines(request, tmp_path_factory):
+    """(torch engine, CTranslate2 float32 engine, package) for one Transformer variant."""
+    torch.set_num_threads(1)
+    package = tiny_package(tmp_path_factory.mktemp(IDS[request.param]),
+                           trained_tiny_model(seed=request.param, **VARIANTS[request.param]))
+    return load_engine(package), load_engine(package, engine="ctranslate2", threads=1), package
+
+
+def _tokens(hyps):
+    return [[h.tokens for h in hs] for hs in hyps]
+
+
+@pytest.mark.parametrize("cfg", [
+    DecodingConfig(strategy="greedy", max_len=MAX_LEN),
+    DecodingConfig(strategy="greedy", min_len=4, max_len_a=1.0, max_len_b=2),
+    DecodingConfig(strategy="beam", beam_size=5, max_len=MAX_LEN),
+    DecodingConfig(strategy="beam", beam_size=5, max_len_a=0.5, max_len_b=3),
+], ids=["greedy", "greedy-minlen-maxlen_ab", "beam5", "beam5-maxlen_ab"])
+def test_float32_tokens_equal_ours(engines, cfg):
+    """Greedy and beam 5 (length_penalty 0; a fixed limit or per-source limits
+    from max_len_a/b; min_len for greedy): the same tokens, and scores equal to
+    our sum of log-probs, in float32 -- for sources that stop early and for
+    sources cut at the limit (our forced eos = the engine's appended eos).
+
+    Not compared: beam search with min_len > 1 or n-best lists beyond the best:
+    CTranslate2 masks forbidden tokens (pad, bos, eos before min_len) before its
+    log-softmax, so it ranks beams by renormalised log-probs (see
+    trainers/engines.py); the best hypotheses agree here, deeper n-best ranks can differ."""
+    ours, ct2, _ = engines
+    rows = sources(16, seed=3)
+    expected, got = ours.decode(rows, cfg), ct2.decode(rows, cfg)
+    assert _tokens(got) == _tokens(expected)
+    for hs_got, hs_exp in zip(got, expected):
+        for g, e in zip(hs_got, hs_exp):
+            assert g.score == pytest.approx(e.score, abs=1e-4)
+            assert g.normalized_score == pytest.approx(e.normalized_score, abs=1e-4)
+            assert sum(g.positional_scores) == pytest.approx(g.score, abs=1e-5)
+
+
+def test_beam_with_length_penalty_best_equal(engines):
+    """length_penalty 1: the engine searches to the limit (patience = max_len), so
+    the best hypothesis equals ours wherever hypotheses end before the limit."""
+    ours, ct2, _ = engines
+    rows = sources(16, seed=3)
+    cfg = DecodingConfig(strategy="beam", beam_size=5, max_len=30, length_penalty=1.0)
+    expected, got = ours.decode(rows, cfg), ct2.decode(rows, cfg)
+    early = [i for i, hs in enumerate(expected) if len(hs[0].tokens) < cfg.max_len]
+    assert len(early) >= 8
+    assert [got[i][0].tokens for i in early] == [expected[i][0].tokens for i in early]
+
+
+def test_sampling_respects_the_constraints(engines):
+    """CTranslate2's sampler cannot be reseeded per call (see trainers/engines.py): only the
+    constraints and the scores are checked, not the draws."""
+    ours, ct2, _ = engines
+    rows = sources(6, seed=4)
+    cfg = DecodingConfig(strategy="sample", top_k=10, top_p=0.9, temperature=1.3, num_samples=3, seed=5,
+                         max_len=MAX_LEN, min_len=2)
+    batched = ct2.decode(rows, cfg)
+    assert all(len(h.tokens) >= 2 for hs in batched for h in hs)
+    hyp = batched[0][0]  # its score is our model's log-prob of the sampled tokens
+    with torch.no_grad():
+        score = ours.model.score(*pad_sources(rows[:1]), torch.tensor([hyp.tokens]), torch.tensor([len(hyp.tokens)]))
+    assert hyp.score == pytest.approx(score.item(), abs=1e-4)
+    assert all(len(hs) == 3 and all(h.tokens[-1] == 2 and len(h.tokens) <= MAX_LEN for h in hs) for hs in batched)
+    assert all(t not in (0, 1) for hs in batched for h in hs for t in h.tokens)  # pad and bos never generated
+
+
+def test_int8_decodes(engines):
+    ours, _, package = engines
+    int8 = load_engine(package, engine="ctranslate2", compute_type="int8", threads=1)
+    rows = sources(8, seed=3)
+    cfg = DecodingConfig(strategy="beam", beam_size=5, max_len=MAX_LEN)
+    got = int8.decode(rows, cfg)
+    assert all(h.tokens[-1] == 2 and len(h.tokens) <= MAX_LEN for hs in got for h in hs)
+    same = sum(g[0].tokens == e[0].tokens for g, e in zip(got, ours.decode(rows, cfg)))
+    assert same >= len(rows) // 2  # int8 is close, not equal
+
+
+def test_converted_models_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQFOUNDRY_CACHE", str(tmp_path / "cache"))
+    package = tiny_package(tmp_path / "p", seed=1)
+    first = ct2_model_for(package, "float32")
+    assert first == package / "ctranslate2-float32" and (first / "tokenizer.json").is_file()
+    stamp = (first / "model.bin").stat().st_mtime_ns
+    assert ct2_model_for(package, "float32") == first and (first / "model.bin").stat().st_mtime_ns == stamp
+    assert ct2_model_for(package, "int8") == package / "ctranslate2-int8"
+    # New weights in the package: converted again.
+    write_package(package, tiny_model(seed=9), tokenizer=package.parent / "tokenizer.json", lineage=Lineage())
+    assert ct2_model_for(package, "float32") == first and (first / "model.bin").stat().st_mtime_ns != stamp
+
+
+def test_read_only_package_converts_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQFOUNDRY_CACHE", str(tmp_path / "cache"))
+    package = tiny_package(tmp_path / "p", seed=1)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if path == package else real_access(path, mode))
+    folder = ct2_model_for(package, "float32")
+    assert folder.parent == tmp_path / "cache" / "ctranslate2" and (folder / MARKER).is_file()
+    assert not (package / "ctranslate2-float32").exists()
+    assert ct2_model_for(package, "float32") == folder  # reused
+
+
+def test_refusals_are_one_line(tmp_path):
+    rnn = build_model(ModelConfig(arch="lstm", vocab_size=20, d_model=8, num_encoder_layers=1, num_decoder_layers=1))
+    from tests.helpers.tiny_package import word_tokenizer
+
+    package = write_package(tmp_path / "lstm", rnn, tokenizer=word_tokenizer(tmp_path / "tok.json", 20),
+                            lineage=Lineage())
+    for call in (lambda: export_ctranslate2(package, tmp_path / "out"),
+                 lambda: load_engine(package, engine="ctranslate2")):
+        with pytest.raises(ValueError, match=r"^model\.arch: 'lstm' cannot be exported to CTranslate2") as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"^eval\.engine: must be one of"):
+        check_engine("onnx", "float32", key="eval")
+    with pytest.raises(ValueError, match=r"^generate\.compute_type: the torch engine decodes in float32 only"):
+        check_engine("torch", "int8")
+    if "bfloat16" not in ctranslate2.get_supported_compute_types("cpu"):
+        with pytest.raises(ValueError, match=r"^serve\.compute_type: 'bfloat16' is not supported"):
+            check_engine("ctranslate2", "bfloat16", key="serve")
+    with pytest.raises(ValueError, match=r"^decoding\.top_k: 1 with decoding\.num_samples > 1"):
+        translate_options(DecodingConfig(strategy="sample", top_k=1, num_samples=2), ["t"] * 48)
+
+
+def test_translate_options_mapping():
+    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, 48)]
+    beam = translate_options(DecodingConfig(strategy="beam", beam_size=4, n_best=2, length_penalty=0.6,
+                                            no_repeat_ngram_size=3, max_len=50), vocab)
+    assert beam["beam_size"] == 4 and beam["num_hypotheses"] == 4 and beam["length_penalty"] == 0.6
+    assert beam["patience"] == 50.0 and beam["no_repeat_ngram_size"] == 3
+    assert beam["suppress_sequences"] == [["<pad>"], ["<s>"]] and beam["return_end_token"] is True
+    sample = translate_options(DecodingConfig(strategy="sample", top_k=0, top_p=0.8, temperature=0.7,
+                                              num_samples=2), vocab)
+    assert (sample["beam_size"], sample["sampling_topk"], sample["sampling_topp"],
+            sample["sampling_temperature"], sample["num_hypotheses"]) == (1, 0, 0.8, 0.7, 2)

@@ -1,0 +1,268 @@
+"""Decoding engines: one call, `engine.decode(sources, cfg)`, served by our
+PyTorch decoder or by CTranslate2 (`generate.engine`, `eval.engine`, `serve.engine`).
+
+    engine = load_engine("runs/p1/model", engine="ctranslate2", compute_type="int8")
+    hyps = engine.decode([[57, 912, 2], [33, 2]], DecodingConfig(strategy="beam", beam_size=5))
+
+Sources are token-id lists as `seqfoundry generate` builds them (ending with
+eos, no bos, no padding).  Both engines return, per source, `Hypothesis`
+objects best first: tokens without bos, ending with eos; `score` = the sum of
+the model's log-probabilities of the tokens under the full softmax (eos
+included), `normalized_score` = score / len ** length_penalty.
+
+How `DecodingConfig` maps onto `ctranslate2.Translator.translate_batch`
+(every key is honoured; none is silently changed):
+
+    strategy greedy      beam_size=1, sampling_topk=1
+    strategy beam        beam_size, length_penalty, num_hypotheses=beam_size (re-ranked, cut to n_best)
+    strategy sample      beam_size=1, sampling_topk=top_k (0 = all), sampling_topp=top_p,
+                         sampling_temperature=temperature, num_hypotheses=num_samples
+    max_len, max_len_a/b each source's limit L = cfg.length_limit(src_len), capped at
+                         model.max_positions; sources are grouped by L
+    min_len              min_decoding_length = min_len - 1
+    no_repeat_ngram_size no_repeat_ngram_size
+    seed                 ctranslate2.set_random_seed(seed) before sampling (see below)
+
+Length limit.  Ours allows only eos at the L-th token; CTranslate2 instead
+stops with whatever token the L-th is.  So CTranslate2 decodes at most L - 1
+tokens (`max_decoding_length = L - 1`, and eos may come from token min_len on:
+CTranslate2 forbids eos while step < min_decoding_length); a hypothesis that
+reaches L - 1 tokens without eos gets eos appended -- exactly our forced eos.
+
+Scores.  CTranslate2 masks forbidden tokens (pad, bos via
+`suppress_sequences`; eos before min_len) *before* its log-softmax, so its
+returned scores are renormalised over the allowed tokens, and they are divided
+by len ** length_penalty in beam search.  We therefore rescore every
+hypothesis with `Translator.score_batch` (teacher forcing, eos appended by
+CTranslate2, all tokens counted) and rank by our normalized score: `score`
+means the same for both engines (equal to `model.score` within float error,
+or the int8 model's own log-probs under int8).
+
+Beam stopping.  With length_penalty 0, CTranslate2 stops a source when its
+top beam has finished and beam_size hypotheses are collected: exact for the
+best hypothesis, as ours.  With a length penalty its own rule (stop after
+beam_size * patience finished hypotheses, as fairseq) is not exact, so the
+engine sets patience = max_len: the search then only ends at the length limit
+(slower than ours, which stops as soon as no live beam can win).
+
+What can still differ from the torch engine (documented, not hidden):
+* At step L - 1, CTranslate2 finishes its k best candidates, while ours
+  continues the k best non-eos ones to a forced eos: when an eos candidate is
+  among the k best at that step, ours holds forced hypotheses CTranslate2 has
+  not, so n-best lists that reach the limit may differ (best hypotheses agree
+  in our tests except where the limit cuts hypotheses short).
+* CTranslate2 ranks candidates step by step with the renormalised
+  log-probs above; this matters only where pad/bos carry visible probability.
+* Sampling: CTranslate2's generator is one per worker thread, seeded once
+  when that thread first samples, so `decoding.seed` seeds it only the first
+  time (`set_random_seed(seed)` before every sampling call): draws come from
+  the same distribution as ours (same top-k -> temperature -> top-p order,
+  scores = the model's log-probs), but they are not reproducible per source,
+  nor independent of batching, nor the torch engine's samples.
+* `no_repeat_ngram_size`: ours lifts the ban on a row that would otherwise
+  have no allowed token; CTranslate2 does not (practically never reached).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from .decoding import DecodingConfig, Hypothesis, decode
+from .decoding.hypothesis import best_first, make_hypothesis
+from .export_ct2 import MARKER, check_compute_type, ct2_model_for, vocabulary
+from .models import BOS_ID, EOS_ID, PAD_ID, Seq2SeqModel
+from .package import TOKENIZER, load_package
+
+ENGINES = ("torch", "ctranslate2")
+
+
+class Engine(Protocol):
+    """Decodes token-id sources with one model (see the module docstring)."""
+
+    max_positions: int | None
+    """Longest source (and hypothesis) the model accepts; None = no limit."""
+
+    def decode(self, sources: Sequence[Sequence[int]], cfg: DecodingConfig) -> list[list[Hypothesis]]:
+        """For each source (ids ending with eos), its hypotheses best first."""
+        ...
+
+
+def check_engine(engine: str, compute_type: str, *, key: str = "generate", device: str = "cpu") -> None:
+    """Refuse (one-line ValueError naming `<key>.engine` / `<key>.compute_type`) an engine setting."""
+    if engine not in ENGINES:
+        raise ValueError(f"{key}.engine: must be one of {ENGINES}, got {engine!r}")
+    if engine == "torch" and compute_type != "float32":
+        raise ValueError(f"{key}.compute_type: the torch engine decodes in float32 only, got {compute_type!r} "
+                         f"(use {key}.engine=ctranslate2)")
+    if engine == "ctranslate2":
+        check_compute_type(compute_type, device, key=f"{key}.compute_type")
+
+
+def load_engine(package: str | Path, *, engine: str = "torch", compute_type: str = "float32",
+                device: str = "cpu", threads: int = 0, key: str = "generate") -> Engine:
+    """The engine for a model package: the packaged model in PyTorch, or its CTranslate2
+    conversion for `compute_type` (converted once and cached, see `ct2_model_for`).
+
+    threads: CPU threads of one decode call (0 = the library's default).
+    Raises ValueError naming `<key>.engine` / `<key>.compute_type` for a bad setting,
+    and `model.arch` for an LSTM/GRU package with engine=ctranslate2.
+    """
+    check_engine(engine, compute_type, key=key, device=device)
+    if engine == "torch":
+        if threads:
+            torch.set_num_threads(threads)
+        return TorchEngine(load_package(package).to(device), device=device)
+    return CTranslate2Engine(ct2_model_for(package, compute_type), compute_type=compute_type,
+                             device=device, threads=threads)
+
+
+def decode_with_engine(package: str | Path, sources: Sequence[Sequence[int]], cfg: DecodingConfig, *,
+                       engine: str = "torch", compute_type: str = "float32") -> list[list[Hypothesis]]:
+    """One-shot `load_engine(package, ...).decode(sources, cfg)` (loads the model on every call)."""
+    return load_engine(package, engine=engine, compute_type=compute_type).decode(sources, cfg)
+
+
+# ----------------------------------------------------------------------------
+# torch
+# ----------------------------------------------------------------------------
+
+class TorchEngine:
+    """Our decoder (`trainers.decoding.decode`) over right-padded batches."""
+
+    def __init__(self, model: Seq2SeqModel, *, device: str = "cpu"):
+        self.model, self.device = model.eval(), torch.device(device)
+        self.max_positions = model.config.max_positions if model.config.arch == "transformer" else None
+
+    def decode(self, sources: Sequence[Sequence[int]], cfg: DecodingConfig) -> list[list[Hypothesis]]:
+        if not sources:
+            return []
+        src, lengths = pad_sources(sources)
+        return decode(self.model, src.to(self.device), lengths.to(self.device), cfg)
+
+
+def pad_sources(sources: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> right-padded (B, S) long tensor (pad 0) and (B,) lengths."""
+    lengths = torch.tensor([len(s) for s in sources])
+    src = torch.full((len(sources), int(lengths.max())), PAD_ID, dtype=torch.long)
+    for row, ids in zip(src, sources):
+        row[: len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+    return src, lengths
+
+
+# ----------------------------------------------------------------------------
+# CTranslate2
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Group:
+    """Sources that share a length limit: their indices in the call and the limit."""
+
+    indices: list[int]
+    limit: int
+
+
+class CTranslate2Engine:
+    """A `ctranslate2.Translator` over a converted model folder (see `trainers.export_ct2`)."""
+
+    def __init__(self, model_dir: str | Path, *, compute_type: str = "float32", device: str = "cpu",
+                 threads: int = 0):
+        import ctranslate2
+
+        config = _converted_model_config(model_dir)
+        self.vocab = vocabulary(Path(model_dir) / TOKENIZER, config["vocab_size"])
+        self.ids = {tok: i for i, tok in enumerate(self.vocab)}
+        self.max_positions = config["max_positions"]
+        self.translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type,
+                                                 intra_threads=threads)
+
+    def decode(self, sources: Sequence[Sequence[int]], cfg: DecodingConfig) -> list[list[Hypothesis]]:
+        options = translate_options(cfg, self.vocab)
+        for s in sources:
+            if len(s) > self.max_positions:
+                raise ValueError(f"position {len(s) - 1} exceeds model.max_positions={self.max_positions}")
+        src_tokens = [[self.vocab[i] for i in s] for s in sources]
+        out: list[list[Hypothesis]] = [[] for _ in sources]
+        for group in self._groups(sources, cfg):
+            batch = [src_tokens[i] for i in group.indices]
+            for i, hyps in zip(group.indices, self._decode_group(batch, group.limit, cfg, options)):
+                out[i] = hyps
+        return out
+
+    def _groups(self, sources: Sequence[Sequence[int]], cfg: DecodingConfig) -> list[_Group]:
+        if cfg.min_len > self.max_positions:
+            raise ValueError(f"decoding.min_len: {cfg.min_len} exceeds the model's max_positions={self.max_positions}")
+        by_limit: dict[int, list[int]] = {}
+        for i, s in enumerate(sources):
+            by_limit.setdefault(min(cfg.length_limit(len(s)), self.max_positions), []).append(i)
+        return [_Group(indices, limit) for limit, indices in sorted(by_limit.items())]
+
+    def _decode_group(self, batch: list[list[str]], limit: int, cfg: DecodingConfig,
+                      options: dict) -> list[list[Hypothesis]]:
+        """Hypotheses (as token-id lists ending with eos, then rescored and ranked) of sources sharing `limit`."""
+        if limit == 1:  # only eos is possible
+            drafts = [[[]] for _ in batch]
+        else:
+            options = dict(options, max_decoding_length=limit - 1,
+                           min_decoding_length=min(max(cfg.min_len - 1, 0), limit - 1))
+            if cfg.strategy == "sample":
+                import ctranslate2
+
+                ctranslate2.set_random_seed(cfg.seed)  # seeds only worker threads that have not sampled yet
+            drafts = [r.hypotheses for r in self.translator.translate_batch(batch, **options)]
+        return self._rescored(batch, drafts, cfg)
+
+    def _rescored(self, batch: list[list[str]], drafts: list[list[list[str]]],
+                  cfg: DecodingConfig) -> list[list[Hypothesis]]:
+        """Append eos where the limit stopped a draft, score every draft by teacher forcing, rank, cut."""
+        eos = self.vocab[EOS_ID]
+        bodies = [[d[:-1] if d and d[-1] == eos else d for d in hyps] for hyps in drafts]  # without eos
+        flat_src = [src for src, hyps in zip(batch, bodies) for _ in hyps]
+        flat_tgt = [body for hyps in bodies for body in hyps]
+        scored = iter(self.translator.score_batch(flat_src, flat_tgt, max_input_length=0) if flat_tgt else [])
+        keep = cfg.n_best if cfg.strategy == "beam" else (cfg.num_samples if cfg.strategy == "sample" else 1)
+        out = []
+        for hyps in bodies:
+            ranked = []
+            for body in hyps:
+                result = next(scored)
+                tokens = [self.ids[t] for t in body] + [EOS_ID]
+                ranked.append(make_hypothesis(tokens, list(result.log_probs), cfg.length_penalty))
+            out.append(best_first(ranked)[:keep])
+        return out
+
+
+def translate_options(cfg: DecodingConfig, vocab: list[str]) -> dict:
+    """`translate_batch` keyword arguments for `cfg` (the length limits are set per group).
+
+    Raises ValueError naming the `decoding.` key that CTranslate2 cannot express.
+    """
+    options = dict(return_scores=False, return_end_token=True, max_input_length=0, length_penalty=0.0,
+                   suppress_sequences=[[vocab[PAD_ID]], [vocab[BOS_ID]]],  # never generated, as ours
+                   no_repeat_ngram_size=cfg.no_repeat_ngram_size, patience=1.0)
+    if cfg.strategy == "greedy":
+        return dict(options, beam_size=1, sampling_topk=1)
+    if cfg.strategy == "beam":
+        return dict(options, beam_size=cfg.beam_size, num_hypotheses=cfg.beam_size,
+                    length_penalty=cfg.length_penalty, patience=float(cfg.max_len) if cfg.length_penalty else 1.0)
+    top_k = cfg.top_k if 0 < cfg.top_k < len(vocab) else 0  # CTranslate2: 0 = the whole vocabulary
+    if top_k == 1 and cfg.num_samples > 1:
+        raise ValueError("decoding.top_k: 1 with decoding.num_samples > 1 is not sampling for CTranslate2 "
+                         "(it returns one greedy hypothesis); use strategy=greedy")
+    return dict(options, beam_size=1, sampling_topk=top_k, sampling_topp=cfg.top_p,
+                sampling_temperature=cfg.temperature, num_hypotheses=cfg.num_samples)
+
+
+def _converted_model_config(model_dir: str | Path) -> dict:
+    """vocab_size and max_positions of a converted model (its vocabulary and seqfoundry marker)."""
+    folder = Path(model_dir)
+    vocab = json.loads((folder / "shared_vocabulary.json").read_text())
+    return {"vocab_size": len(vocab), "max_positions": json.loads((folder / MARKER).read_text())["max_positions"]}
+
+
+__all__ = ["Engine", "TorchEngine", "CTranslate2Engine", "load_engine", "decode_with_engine", "check_engine",
+           "translate_options", "pad_sources", "ENGINES"]
