@@ -34,7 +34,7 @@ def build_batcher(data: DataConfig, objective: ObjectiveConfig, *, rank: int, wo
     manifest = Manifest.load(data.dir)
     stream = ShardStream(manifest.path, rank=rank, world_size=world_size, seed=seed, shuffle=data.shuffle,
                          split=split or data.split, remainder=data.remainder, verify=data.verify)
-    noise = build_objective(objective, manifest.specials, seed=seed, fields=tuple(manifest.data["fields"]))
+    noise = build_objective(objective, manifest.specials, seed=seed, fields=manifest.fields)
     return TokenBatcher(stream, noise, data.batch, seed=seed)
 
 

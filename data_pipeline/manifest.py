@@ -80,6 +80,32 @@ class Manifest:
         return self.folder / self.data["tokenizer"]
 
     @property
+    def fields(self) -> tuple[str, ...]:
+        """Token fields of every sample: `("tgt",)` for plain text, `("src", "tgt")` for pairs."""
+        return tuple(self.data.get("fields", ("tgt",)))
+
+    @property
+    def has_pairs(self) -> bool:
+        """The samples are source/target pairs (`data.task=restore` or `pairs`), not plain text."""
+        return "src" in self.fields
+
+    @property
+    def task(self) -> str | None:
+        return self.data.get("task")
+
+    @property
+    def splits(self) -> dict[str, dict]:
+        """Per-split counts: `{"train": {"num_samples": ..., "num_tokens": ...}, ...}`."""
+        return self.data.get("splits", {})
+
+    def split_samples(self, split: str) -> int:
+        """Samples in `split` (0 for a split the data does not have)."""
+        return int(self.splits.get(split, {}).get("num_samples", 0))
+
+    def nonempty_splits(self) -> list[str]:
+        return [name for name in self.splits if self.split_samples(name)]
+
+    @property
     def is_remote(self) -> bool:
         """The prepared data lives in object storage."""
         return is_remote(self.path)

@@ -198,10 +198,6 @@ def expand_sources(sources: list[str]) -> list[Path]:
     return files
 
 
-def is_pairs_file(path: str | Path) -> bool:
-    return str(path).endswith((".jsonl", ".jsonl.txt"))
-
-
 def source_names(files: list[Path]) -> list[str]:
     """Each file's path relative to the source root (the deepest folder holding them all), POSIX style.
 

@@ -139,11 +139,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def encode(tok: Tokenizer, text: str) -> list[int]:
+def tokenize(tok: Tokenizer, text: str) -> list[int]:
     """Token ids of `text`, without bos/eos (the collator adds them)."""
     return tok.encode(text, add_special_tokens=False).ids
 
 
-def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
+def detokenize(tok: Tokenizer, ids: Iterable[int]) -> str:
     """Text of `ids`, skipping pad/bos/eos and the other reserved tokens."""
     return tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -3,129 +3,38 @@
 Every subcommand takes Hydra overrides (`model=lstm demo.steps=100`), prints
 its resolved config with `--cfg job`, and sweeps with `-m` (`model=lstm,gru`).
 A bad config is one line on stderr and exit code 2, before anything heavy runs.
+The commands themselves are listed in `orchestrator.commands`.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from dataclasses import dataclass
-from typing import Callable
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, JobConfig, compose_config, describe_keys, to_typed
+from .commands import (CONFIG_COMMANDS, Command, add_config_commands, check_config, expand_multirun,  # noqa: F401
+                       new_parser, with_defaults)
+from .config import ConfigError, compose_config, to_typed
 
 EXIT_BAD_CONFIG = 2
 
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    runner: str
-    """`module:function` taking a JobConfig and returning an exit code."""
-    multirun: bool = True
-    defaults: tuple[str, ...] = ()
-    """Overrides applied before the user's (which win)."""
-    aliases: tuple[tuple[str, str], ...] = ()
-    """(short, key) pairs: `short=value` is read as `key=value` (e.g. report's run=<folder>)."""
-    arguments: str = ""
-    """`module:function(parser)` adding the command's own argparse arguments. Set for commands that take
-    no Hydra overrides (`submit`, `jobs`); their runner then takes the argparse Namespace."""
-
-    def load(self) -> Callable[..., int]:
-        return _resolve(self.runner)
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _resolve(self.arguments)(parser)
+TOOLS = (
+    Command("submit", "run any command on a Ray cluster as a Ray job: submit [--address URL] -- pretrain ...",
+            "orchestrator.jobs:run_submit", arguments="orchestrator.jobs:add_submit_arguments"),
+    Command("jobs", "list the cluster's Ray jobs, or show the status or logs of one, or stop it",
+            "orchestrator.jobs:run_jobs", arguments="orchestrator.jobs:add_jobs_arguments"),
+)
+"""Commands that take their own argparse options instead of a config."""
+COMMANDS: dict[str, Command] = {**CONFIG_COMMANDS, **{c.name: c for c in TOOLS}}
 
 
-def _resolve(target: str) -> Callable:
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-COMMANDS: dict[str, Command] = {
-    c.name: c
-    for c in (
-        Command("demo", "train a tiny model on a toy task (copy/reverse) and compare decoding strategies",
-                "orchestrator.demo:run"),
-        Command("prepare", "train a tokenizer and write WebDataset shards + manifest.json into data.dir",
-                "orchestrator.prepare:run"),
-        Command("pretrain", "pretrain a model on prepared data with Ray Train x DeepSpeed (BART/T5 noising)",
-                "orchestrator.train:run_pretrain"),
-        Command("finetune", "fine-tune a model package (pretrained=...) on source/target pairs",
-                "orchestrator.train:run_finetune", defaults=("objective=pairs",)),
-        Command("sweep", "Ray Tune search over fine-tuning hyperparameters of a model package (pretrained=...), "
-                "ASHA early stopping; sweep_results.json", "orchestrator.sweep:run", defaults=("objective=pairs",)),
-        Command("pipeline", "prepare -> pretrain -> sweep -> evaluate the best trial, with a lineage record",
-                "orchestrator.pipeline:run", defaults=("experiment=demo",)),
-        Command("report", "PNG plots of a run, sweep, evaluation or pipeline folder (report run=<folder>)",
-                "orchestrator.report:run", multirun=False, aliases=(("run", "run.dir"),)),
-        Command("export", "write the model package of a checkpoint of the run in run.dir",
-                "orchestrator.train:run_export", multirun=False),
-        Command("evaluate", "decode a paired dataset with greedy/beam/sampling: BLEU, chrF, exact match, "
-                "perplexity, speed (package=<model package>)", "orchestrator.evaluate:run",
-                defaults=("data.dir=@package",), aliases=(("package", "eval.package"),)),
-        Command("generate", "decode lines from stdin or generate.input with any strategy (package=<model package>)",
-                "orchestrator.generate:run", multirun=False, aliases=(("package", "generate.package"),)),
-        Command("submit", "run any command on a Ray cluster as a Ray job: submit [--address URL] -- pretrain ...",
-                "orchestrator.jobs:run_submit", arguments="orchestrator.jobs:add_submit_arguments"),
-        Command("jobs", "list the cluster's Ray jobs, or show the status or logs of one, or stop it",
-                "orchestrator.jobs:run_jobs", arguments="orchestrator.jobs:add_jobs_arguments"),
-    )
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="seqfoundry",
-        description="Pretrain, fine-tune and evaluate Seq2Seq models on Ray with DeepSpeed.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for cmd in COMMANDS.values():
-        if cmd.arguments:
-            cmd.add_arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
-            continue
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
-                           epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
-        if cmd.multirun:
-            p.add_argument("-m", "--multirun", action="store_true",
-                           help="run once per combination of comma-separated override values")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides")
+def build_parser():
+    """The whole `seqfoundry` parser: the config commands, then the cluster tools."""
+    parser, sub = new_parser()
+    add_config_commands(sub)
+    for cmd in TOOLS:
+        cmd.add_arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
     return parser
-
-
-def _keys_epilog() -> str:
-    rows = [f"  {key} = {default!r}\n      {doc}" for key, default, doc in describe_keys()]
-    return "config keys (override with KEY=VALUE; groups: model=, decoding=, experiment=):\n" + "\n".join(rows)
-
-
-def with_defaults(cmd: Command, overrides: list[str]) -> list[str]:
-    """The command's own defaults, unless the user overrides the same key."""
-    aliases = dict(cmd.aliases)
-    overrides = [aliases[o.split("=", 1)[0]] + "=" + o.split("=", 1)[1] if "=" in o and o.split("=", 1)[0] in aliases
-                 else o for o in overrides]
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return [d for d in cmd.defaults if d.split("=", 1)[0] not in given] + list(overrides)
-
-
-def expand_multirun(overrides: list[str]) -> list[list[str]]:
-    """`a=1,2 b=x` -> [[a=1, b=x], [a=2, b=x]] (Hydra's basic sweeper rules)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides=overrides)
-    return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
-
-
-def check_config(cmd: Command, overrides: list[str], *, multirun: bool) -> list[JobConfig]:
-    """The typed config of every run the overrides ask for (each combination with -m), all checked."""
-    batches = expand_multirun(overrides) if multirun else [overrides]
-    return [to_typed(compose_config(with_defaults(cmd, o))) for o in batches]
 
 
 def run_one(cmd: Command, overrides: list[str], print_cfg: bool) -> int:

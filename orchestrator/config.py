@@ -23,11 +23,11 @@ from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from trainers.decoding import DecodingConfig
 from trainers.models import ModelConfig
 
-from .eval_config import EvalConfig, GenerateConfig
-from .pipeline_config import PipelineConfig
-from .sweep_space import parse_space
+from .conf_dir import CONF_DIR
+from .evaluation.config import EvalConfig
+from .pipeline.config import PipelineConfig
+from .sweep.config import SweepConfig
 from .tracking import TrackingConfig
-from .conf_dir import CONF_DIR  # noqa: F401  (re-exported)
 
 
 class ConfigError(ValueError):
@@ -75,53 +75,6 @@ class ExportConfig:
 
 
 @dataclass
-class SweepConfig:
-    name: str = ""
-    """Sweep name: the W&B group of its trials (unless tracking.group is set) and its folder under
-    cluster.storage_path; empty = the run folder's name."""
-    space: dict[str, Any] = field(default_factory=dict)
-    """Search space, nested like the config (`trainer: {lr: [loguniform, 1e-5, 1e-3]}`); each leaf is one
-    domain: `[uniform|loguniform|randint, low, high]`, `[choice, a, b, ...]` (one sampled per trial) or
-    `[grid, a, b, ...]` (every value). Presets in conf/sweep/ (`sweep=default`, `sweep=tiny`)."""
-    num_samples: int = 8
-    """Trials sampled from the space (with `grid` domains: times the whole grid runs)."""
-    seed: int | None = 0
-    """Seed of the random search: the same seed samples the same trials; null = a fresh draw every run."""
-    metric: str = "val_loss"
-    """Validation metric that ranks trials and drives early stopping: `val_loss` or `val_ppl`."""
-    mode: str = "min"
-    """`min` or `max` of `metric`."""
-    scheduler: str = "asha"
-    """`asha` (Async Successive Halving: stop weak trials at validation rungs) or `fifo` (run every trial out)."""
-    grace_period: int = 0
-    """ASHA: optimizer steps every trial runs before it may be stopped; 0 = `trainer.val_every`."""
-    reduction_factor: int = 2
-    """ASHA: about 1/reduction_factor of the trials reaching a rung go on to the next one."""
-    max_concurrent: int = 0
-    """Trials at once; 0 = as many as the cluster's CPUs (GPUs) hold, num_workers x cpus_per_worker each."""
-    trial_cpus: float = 0.0
-    """CPUs reserved for each trial's driver (it only waits on its TorchTrainer, whose workers hold the CPUs)."""
-    trial_memory_mb: int = 256
-    """Memory reserved for each trial's driver (Ray refuses a trial that reserves nothing at all)."""
-
-    def __post_init__(self) -> None:
-        if self.metric not in ("val_loss", "val_ppl"):
-            raise ValueError(f"sweep.metric: must be val_loss or val_ppl (what trials report), got {self.metric!r}")
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"sweep.mode: must be min or max, got {self.mode!r}")
-        if self.scheduler not in ("asha", "fifo"):
-            raise ValueError(f"sweep.scheduler: must be asha or fifo, got {self.scheduler!r}")
-        for key, least in (("num_samples", 1), ("grace_period", 0), ("reduction_factor", 2),
-                           ("max_concurrent", 0), ("trial_cpus", 0), ("trial_memory_mb", 0)):
-            if getattr(self, key) < least:
-                raise ValueError(f"sweep.{key}: must be >= {least}, got {getattr(self, key)}")
-        if not self.trial_cpus and not self.trial_memory_mb:
-            raise ValueError("sweep.trial_cpus/trial_memory_mb: a trial must reserve something (Ray refuses "
-                             "an empty request); keep trial_memory_mb > 0")
-        parse_space(self.space)
-
-
-@dataclass
 class DemoConfig:
     task: str = "reverse"
     """Toy task for `seqfoundry demo`: `copy` or `reverse` a random token sequence."""
@@ -130,7 +83,7 @@ class DemoConfig:
     batch_size: int = 64
     """Sequences per batch."""
     lr: float = 3e-3
-    """Peak AdamW learning rate (linear warm-up over 10% of the steps, then constant)."""
+    """Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay to 10% of it)."""
     min_len: int = 3
     """Shortest toy sequence (tokens, eos excluded)."""
     max_len: int = 8
@@ -146,6 +99,34 @@ class DemoConfig:
         for key in ("steps", "batch_size", "num_eval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"demo.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+GENERATE_FORMATS = ("text", "jsonl")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class GenerateConfig:
+    package: str = ""
+    """Model package to generate with (`seqfoundry generate package=runs/p1/model`)."""
+    input: str = ""
+    """File of source lines; empty or `-` = standard input."""
+    output: str = ""
+    """File to write; empty or `-` = standard output."""
+    format: str = "text"
+    """`text`: the best output per line; `jsonl`: every hypothesis with its tokens and scores."""
+    batch_size: int = 32
+    """Source lines decoded together (the outputs do not depend on it)."""
+    device: str = "auto"
+    """`auto` (a GPU when there is one), `cpu` or `cuda`."""
+
+    def __post_init__(self) -> None:
+        if self.format not in GENERATE_FORMATS:
+            raise ValueError(f"generate.format: must be text or jsonl, got {self.format!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"generate.batch_size: must be >= 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise ValueError(f"generate.device: must be auto, cpu or cuda, got {self.device!r}")
 
 
 @dataclass

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from trainers.decoding import DecodingConfig, decode
 from trainers.models import build_model
 from trainers.toy import FIRST_TOKEN, expected_outputs, toy_batch, train_toy
 
 from .config import JobConfig
+from .runs import config_container, write_config
 
 ALPHABET = 12
 
@@ -73,8 +73,7 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
 
 def save(job: JobConfig, losses: list[float], results: dict) -> None:
     out = Path(job.run.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+    write_config(out, config_container(job))
     with open(out / "metrics.jsonl", "w") as f:
         for step, loss in enumerate(losses, 1):
             f.write(json.dumps({"step": step, "loss": loss}) + "\n")

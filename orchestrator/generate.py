@@ -21,13 +21,13 @@ from typing import IO, Iterator
 
 import torch
 
-from data_pipeline import EOS_ID, decode as decode_text, encode, load_tokenizer
+from data_pipeline import EOS_ID, detokenize, load_tokenizer, tokenize
 from trainers.decoding import DecodingConfig, Hypothesis, decode
 from trainers.models import Seq2SeqModel
 from trainers.package import TOKENIZER, load_package
 
 from .config import ConfigError, JobConfig
-from .evaluate import check_package
+from .preflight import check_package
 
 
 def run(job: JobConfig) -> int:
@@ -55,14 +55,13 @@ class Generator:
 
     def __init__(self, model: Seq2SeqModel, tokenizer, cfg: DecodingConfig, *, device: torch.device):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
-        cfg_model = model.config
-        self.max_source_len = cfg_model.max_positions if cfg_model.arch == "transformer" else 2**31
+        self.max_source_len = model.max_positions or 2**31
         self.truncated = 0
 
     def __call__(self, lines: list[str]) -> list[list[Hypothesis]]:
         rows = []
         for line in lines:
-            ids = encode(self.tokenizer, line)
+            ids = tokenize(self.tokenizer, line)
             self.truncated += len(ids) + 1 > self.max_source_len
             rows.append(ids[: self.max_source_len - 1] + [EOS_ID])
         lengths = torch.tensor([len(r) for r in rows])
@@ -72,7 +71,7 @@ class Generator:
         return decode(self.model, src.to(self.device), lengths.to(self.device), self.cfg)
 
     def text(self, hyp: Hypothesis) -> str:
-        return decode_text(self.tokenizer, hyp.tokens)
+        return detokenize(self.tokenizer, hyp.tokens)
 
 
 def format_line(source: str, hyps: list[Hypothesis], generator: Generator, fmt: str) -> str:

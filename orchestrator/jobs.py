@@ -108,15 +108,15 @@ def _submit(args: argparse.Namespace) -> int:
 
 def check_job(job_args: list[str]) -> list[JobConfig]:
     """Every run the job will make, composed and checked as the cluster will (ConfigError)."""
-    from .cli import COMMANDS, build_parser, check_config
+    from .commands import CONFIG_COMMANDS, check_config, config_parser
 
-    names = [name for name, cmd in COMMANDS.items() if not cmd.arguments]
+    names = list(CONFIG_COMMANDS)
     if not job_args or job_args[0] not in names:
         given = repr(job_args[0]) if job_args else "nothing"
         raise ConfigError(f"command: expected `-- COMMAND [KEY=VALUE ...]` with COMMAND one of "
                           f"{', '.join(names)}; got {given}")
-    parsed = build_parser().parse_args(job_args)
-    return check_config(COMMANDS[parsed.command], parsed.overrides, multirun=getattr(parsed, "multirun", False))
+    parsed = config_parser().parse_args(job_args)
+    return check_config(CONFIG_COMMANDS[parsed.command], parsed.overrides, multirun=getattr(parsed, "multirun", False))
 
 
 def entrypoint(job_args: list[str]) -> str:

@@ -52,28 +52,55 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+def open_wandb(cfg: TrackingConfig, *, run_dir: Path, run_id: str | None, name: str | None, job_type: str,
+               config: dict[str, Any] | None = None, group: str | None = None):
+    """The one `wandb.init` of the project: run `run_id` (resumed if it exists; None = a new id) of
+    `cfg.project`, in group `group` (default `cfg.group`), writing under `<run_dir>/wandb`."""
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.project, entity=cfg.entity, group=group or cfg.group, tags=cfg.tags, name=name,
+                      id=run_id or None, resume="allow" if run_id else None, mode=cfg.resolved_mode(),
+                      dir=str(run_dir), config=config, job_type=job_type,
+                      settings=wandb.Settings(console="off", silent=True))
+
+
 def init_resumable(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str, config: dict[str, Any],
                    job_type: str, wait_s: float = 60.0):
-    """`wandb.init` of run `run_id`, resumed if it exists, in this process's own W&B service.
+    """`open_wandb` of run `run_id` in this process's own W&B service.
 
     A W&B service inherited from the driver (WANDB_SERVICE) would outlive a
     killed rank 0 and keep reporting its run id as "in use" to the restarted
     one, so the worker starts its own; a service still closing the old stream
     is waited for.
     """
-    import wandb
-
     os.environ.pop("WANDB_SERVICE", None)
     deadline = time.time() + wait_s
     while True:
         try:
-            return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags, name=name,
-                              id=run_id, resume="allow", mode=cfg.resolved_mode(), dir=str(run_dir), config=config,
-                              job_type=job_type, settings=wandb.Settings(console="off", silent=True))
+            return open_wandb(cfg, run_dir=run_dir, run_id=run_id, name=name, config=config, job_type=job_type)
         except Exception as err:  # wandb raises its own types; only "in use" is worth waiting for
             if "in use" not in str(err) or time.time() > deadline:
                 raise
             time.sleep(2.0)
+
+
+@dataclass(frozen=True)
+class TrackerSpec:
+    """Picklable recipe for rank 0's Tracker (W&B + metrics.jsonl), made inside the worker."""
+
+    tracking: TrackingConfig
+    run_dir: Path
+    """Where rank 0 writes the run's files (the run folder, or its local mirror)."""
+    run_id: str
+    name: str
+    config: dict[str, Any]
+    """The resolved job config, as W&B shows it."""
+    job_type: str
+
+    def __call__(self, *, resume_from_step: int) -> "Tracker":
+        return Tracker(self.tracking, run_dir=self.run_dir, run_id=self.run_id, name=self.name, config=self.config,
+                       resume_from_step=resume_from_step, job_type=self.job_type)
 
 
 class Tracker:

@@ -1,1 +1,1 @@
-"""Models, decoding strategies and (later) the distributed trainer."""
+"""Models, decoding strategies, the DeepSpeed engine builder, the per-worker training loop, checkpoints and model packages."""

@@ -18,6 +18,14 @@ import numpy as np
 import torch
 
 TAG_FORMAT = "step_{:08d}"
+TAG_PREFIX = "step_"
+
+
+def step_of(tag: str) -> int:
+    """The optimizer step of a checkpoint tag or folder name (`step_00000100` -> 100)."""
+    if not tag.startswith(TAG_PREFIX) or not tag[len(TAG_PREFIX):].isdigit():
+        raise ValueError(f"{tag!r} is not a checkpoint tag (step_NNNNNNNN)")
+    return int(tag[len(TAG_PREFIX):])
 
 
 @dataclass

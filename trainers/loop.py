@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -58,7 +58,10 @@ class WorkerJob:
     """Where Ray Train persists the checkpoints (<storage>/checkpoints)."""
     on_checkpoint: Callable[..., Any] | None = None
     """Rank 0 calls on_checkpoint(step=, path=) after each checkpoint is persisted (must not block)."""
-    extra: dict = field(default_factory=dict)
+    wandb_run_id: str = ""
+    """The run's one W&B run id, kept in every checkpoint."""
+    config_sha256: str = ""
+    """Hash of the config that defines the training, kept in every checkpoint."""
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -71,43 +74,51 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     context = ray.train.get_context()
-    Worker(job, rank=context.get_world_rank(), world_size=context.get_world_size()).run()
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
+        worker = Worker(job, rank=context.get_world_rank(), world_size=context.get_world_size(), checkpoint=folder)
+    worker.run()
 
 
 class Worker:
-    def __init__(self, job: WorkerJob, *, rank: int, world_size: int):
+    """One rank: its DeepSpeed engine, its batches, its state; rank 0 also owns the run's sink."""
+
+    def __init__(self, job: WorkerJob, *, rank: int, world_size: int, checkpoint: str | None = None):
         self.job, self.rank, self.world_size = job, rank, world_size
         self.cfg = job.trainer
         self.run_folder = RunFolder(job.run_dir)
         self.run_folder.local.mkdir(parents=True, exist_ok=True)
+        self.sink = RunSink(job, self.run_folder) if rank == 0 else NullSink()
         torch.set_num_threads(self.cfg.cpus_per_worker)
         self.on_gpu = self.cfg.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.consumed = Progress()  # stream positions of the batches trained on this epoch
         self.dropped = self.truncated = 0  # over-long samples seen by this rank
         self.grad_norm = 0.0  # before clipping, of the last optimizer step (ZeRO-0 only; else DeepSpeed's)
+        saved_world = ckpt.saved_world_size(checkpoint) if checkpoint else world_size
+        self.load_universal = saved_world != world_size and job.deepspeed.zero_stage > 0
+        self.model, self.num_parameters, self.num_frozen = self.build_model()
+        self.engine, self.precision = build_engine(self.model, self.cfg, job.deepspeed, world_size=world_size,
+                                                   on_gpu=self.on_gpu, load_universal=self.load_universal)
+        self.batcher = build_batcher(job.data, job.objective, rank=rank, world_size=world_size, seed=self.cfg.seed)
+        self.state = ckpt.TrainState(wandb_run_id=job.wandb_run_id, config_sha256=job.config_sha256,
+                                     world_size=world_size)
+        self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=job.peak_flops)
+        if checkpoint:
+            self.restore(checkpoint)
 
     # --- setup ---------------------------------------------------------------
 
-    def build(self, *, load_universal: bool = False) -> None:
+    def build_model(self) -> tuple[Seq2SeqModel, int, int]:
+        """The model (a package's weights when fine-tuning), frozen parts applied; identical on every rank."""
         ckpt.seed_everything(self.cfg.seed)  # identical initial weights on every rank
         model = build_model(self.job.model)  # the job's config: a fine-tune's own dropout
         if self.job.pretrained:
             model.load_state_dict(load_package(self.job.pretrained).state_dict())
-        self.model: Seq2SeqModel = model.train()
-        self.num_parameters = model.num_parameters()  # before ZeRO-3 partitions the weights
-        self.num_frozen = freeze_parameters(model, self.cfg.freeze)  # before the optimizer sees them
+        num_parameters = model.num_parameters()  # before ZeRO-3 partitions the weights
+        num_frozen = freeze_parameters(model, self.cfg.freeze)  # before the optimizer sees them
         ckpt.seed_everything(self.cfg.seed + 1000 * self.rank)  # distinct dropout per rank
-        self.engine, self.precision = build_engine(model, self.cfg, self.job.deepspeed, world_size=self.world_size,
-                                                   on_gpu=self.on_gpu, load_universal=load_universal)
-        data = self.job.data
-        data.batch.max_sentences = data.batch.max_sentences or self.cfg.micro_batch_size
-        self.batcher = build_batcher(data, self.job.objective, rank=self.rank, world_size=self.world_size,
-                                     seed=self.cfg.seed)
-        self.state = ckpt.TrainState(wandb_run_id=self.job.extra.get("wandb_run_id", ""),
-                                     config_sha256=self.job.extra.get("config_sha256", ""),
-                                     world_size=self.world_size)
-        self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=self.job.peak_flops)
+        return model.train(), num_parameters, num_frozen
 
     def restore(self, folder: str) -> None:
         """Continue from a checkpoint folder (a Ray Train restart or `resume=true`).
@@ -127,12 +138,10 @@ class Worker:
     def universal_copy(self, folder: str) -> Path:
         name = f"universal/{Path(folder).name}"
         out = self.run_folder.local / name
-        if self.rank == 0:
-            ckpt.to_universal(folder, out)
-            self.run_folder.push(name)  # ranks on other nodes read it from the remote run folder
+        self.sink.convert_universal(folder, name)
         dist.barrier()
         if not (out / "latest").is_file():
-            self.run_folder.pull(name)
+            self.run_folder.pull(name)  # converted on another node: read it from the remote run folder
         return out
 
     def record_placement(self) -> None:
@@ -145,30 +154,15 @@ class Worker:
         if dist.is_available() and dist.is_initialized():
             ranks = [None] * self.world_size
             dist.all_gather_object(ranks, me)
-        if self.rank == 0:
-            (self.run_folder.local / "workers.json").write_text(json.dumps(ranks, indent=2) + "\n")
-            self.run_folder.push("workers.json")
+        self.sink.workers(ranks)
 
     # --- the loop --------------------------------------------------------------
 
     def run(self) -> None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
-            saved_world = ckpt.saved_world_size(folder) if folder else self.world_size
-            self.load_universal = saved_world != self.world_size and self.job.deepspeed.zero_stage > 0
-            self.build(load_universal=self.load_universal)
-            if folder:
-                self.restore(folder)
         self.record_placement()
-        if self.rank == 0:
-            self.run_folder.pull(*RANK0_FILES)  # a resume on another machine continues the run's own files
-        self.tracker = self.job.make_tracker(resume_from_step=self.state.step) if self.rank == 0 else None
-        if self.tracker:
-            self.tracker.summary({"parameters": self.num_parameters, "world_size": self.world_size,
-                                  "precision": self.precision, "peak_flops": self.peak,
-                                  "frozen_parameters": self.num_frozen})
+        self.sink.open(step=self.state.step, summary={
+            "parameters": self.num_parameters, "world_size": self.world_size, "precision": self.precision,
+            "peak_flops": self.peak, "frozen_parameters": self.num_frozen})
         batches = self.batches()
         timer, window = StepTimer(), Window()
         start_step, t_start = self.state.step, time.perf_counter()
@@ -179,9 +173,7 @@ class Worker:
             self.after_step(timer, window, start_step, t_start)
         self.validate_and_log()
         self.save_checkpoint(final=True)
-        if self.tracker:
-            self.tracker.finish()
-            self.run_folder.push(*RANK0_FILES)
+        self.sink.close()
 
     def train_step(self, batches: Iterator[Batch], timer: StepTimer) -> tuple[float, int]:
         """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
@@ -189,7 +181,8 @@ class Worker:
         for _ in range(self.cfg.grad_accum_steps):
             batch = next(batches).to(self.device)
             timer.data_ready()
-            loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out)
+            loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out,
+                               label_smoothing=self.cfg.label_smoothing)
             self.engine.backward(loss)
             if self.job.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 self.grad_norm = total_grad_norm(self.model)  # DeepSpeed records it only under ZeRO
@@ -235,7 +228,7 @@ class Worker:
         rates = timer.summary(world_size=self.world_size, peak_flops=self.peak)
         self.state.tokens_seen += int(tokens)
         window.reset()
-        if self.tracker is None:
+        if not self.sink.active:
             return
         metrics = {
             "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": self.engine.get_lr()[0],
@@ -246,8 +239,8 @@ class Worker:
             "skipped_shards": self.batcher.stream.num_bad_shards,
             "dropped_samples": self.dropped, "truncated_samples": self.truncated,
         }
-        self.tracker.log(self.state.step, metrics)
-        console(progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start))
+        self.sink.log(self.state.step, metrics,
+                      line=progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start))
 
     def validate_and_log(self) -> None:
         """Validation on every rank; rank 0 logs it; Ray Train (and Ray Tune above it) receives it."""
@@ -256,9 +249,9 @@ class Worker:
         metrics = self.validate()
         if metrics:
             ray.train.report({"step": self.state.step, **metrics})
-        if self.tracker and metrics:
-            self.tracker.log(self.state.step, metrics)
-            console(f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} val_ppl {metrics['val_ppl']:.2f}")
+        if metrics:
+            self.sink.log(self.state.step, metrics, line=f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} "
+                                                         f"val_ppl {metrics['val_ppl']:.2f}")
 
     def validate(self) -> dict[str, float]:
         """Token-weighted loss on the `valid` split (this rank's share), reduced over ranks."""
@@ -294,10 +287,7 @@ class Worker:
             tag = ckpt.save(self.engine, folder, self.state, rank=self.rank)
             metrics = {"step": self.state.step, "tag": tag, "final": final}
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=tag)
-        if self.rank == 0:
-            self.run_folder.push(*RANK0_FILES)
-        if self.rank == 0 and self.job.on_checkpoint is not None:
-            self.job.on_checkpoint(step=self.state.step, path=f"{self.job.checkpoint_root}/{tag}")
+        self.sink.checkpoint_saved(step=self.state.step, tag=tag)
 
     def maybe_fail(self) -> None:
         """`chaos.fail_at_step`: SIGKILL this worker once (a marker file remembers it fired)."""
@@ -315,6 +305,57 @@ class Worker:
 RANK0_FILES = ("metrics.jsonl", "workers.json", "wandb")
 """What rank 0 writes into the run folder (pushed at every checkpoint when run.dir is remote, so that the
 offline W&B runs of a machine that dies are in the bucket too)."""
+
+class RunSink:
+    """Rank 0's side effects, in one place: the tracker (metrics.jsonl + W&B), the run folder's own
+    files (pulled on resume, pushed at every checkpoint when run.dir is remote), workers.json, the
+    universal-checkpoint conversion and the on-checkpoint hook.  Other ranks hold a `NullSink`."""
+
+    active = True
+
+    def __init__(self, job: WorkerJob, folder: RunFolder):
+        self.job, self.folder = job, folder
+        self.tracker = None
+
+    def open(self, *, step: int, summary: dict[str, Any]) -> None:
+        self.folder.pull(*RANK0_FILES)  # a resume on another machine continues the run's own files
+        self.tracker = self.job.make_tracker(resume_from_step=step)
+        self.tracker.summary(summary)
+
+    def log(self, step: int, metrics: dict[str, Any], *, line: str) -> None:
+        self.tracker.log(step, metrics)
+        console(line)
+
+    def workers(self, ranks: list[dict]) -> None:
+        (self.folder.local / "workers.json").write_text(json.dumps(ranks, indent=2) + "\n")
+        self.folder.push("workers.json")
+
+    def convert_universal(self, checkpoint: str, name: str) -> None:
+        ckpt.to_universal(checkpoint, self.folder.local / name)
+        self.folder.push(name)  # ranks on other nodes read it from the remote run folder
+
+    def checkpoint_saved(self, *, step: int, tag: str) -> None:
+        self.folder.push(*RANK0_FILES)
+        if self.job.on_checkpoint is not None:
+            self.job.on_checkpoint(step=step, path=f"{self.job.checkpoint_root}/{tag}")
+
+    def close(self) -> None:
+        self.tracker.finish()
+        self.folder.push(*RANK0_FILES)
+
+
+class NullSink:
+    """What ranks other than 0 hold instead of a RunSink: every side effect is rank 0's."""
+
+    active = False
+
+    def open(self, *, step: int, summary: dict[str, Any]) -> None: ...
+    def log(self, step: int, metrics: dict[str, Any], *, line: str) -> None: ...
+    def workers(self, ranks: list[dict]) -> None: ...
+    def convert_universal(self, checkpoint: str, name: str) -> None: ...
+    def checkpoint_saved(self, *, step: int, tag: str) -> None: ...
+    def close(self) -> None: ...
+
 
 FROZEN_PREFIXES = {
     "none": (),

@@ -18,9 +18,9 @@ import torch
 
 from orchestrator.cli import main
 from orchestrator.config import load_job_config
-from orchestrator.eval_config import EvalConfig
-from orchestrator.evaluation import EvalSpec, EvaluationActor, Evaluator
-from orchestrator.strategies import strategy_configs
+from orchestrator.evaluation.config import EvalConfig
+from orchestrator.evaluation.actor import EvalSpec, EvaluationActor, Evaluator
+from orchestrator.evaluation.presets import strategy_configs
 from orchestrator.tracking import TrackingConfig
 from trainers.decoding import DecodingConfig
 from trainers.package import load_package, read_model_config
@@ -65,28 +65,28 @@ def test_actor_metrics_match_sacrebleu_and_the_model_on_a_copy_model(package):
     actor = EvaluationActor.remote(spec)
     results = ray.get(actor.evaluate.remote())
     ray.kill(actor)
-    refs = [o["reference"] for o in results["outputs"]]
-    assert [o["source"] for o in results["outputs"]] == refs  # a copy task
-    assert results["counts"]["samples"] == len(refs) == results["dataset"]["split_samples"] > 10
-    for name, metrics in results["strategies"].items():
-        hyps = [o["outputs"][name]["text"] for o in results["outputs"]]
+    refs = [o["reference"] for o in results.outputs]
+    assert [o["source"] for o in results.outputs] == refs  # a copy task
+    assert results.counts["samples"] == len(refs) == results.dataset["split_samples"] > 10
+    for name, metrics in results.strategies.items():
+        hyps = [o["outputs"][name]["text"] for o in results.outputs]
         assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
         assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
         assert metrics["exact_match"] == pytest.approx(sum(h == r for h, r in zip(hyps, refs)) / len(refs))
-        assert results["signatures"][name]["bleu"].startswith("nrefs:1|case:mixed")
+        assert results.signatures[name]["bleu"].startswith("nrefs:1|case:mixed")
         assert metrics["tokens_per_s"] > 0 and metrics["latency_ms"] > 0
-    greedy, beam = results["strategies"]["greedy"], results["strategies"]["beam:length_penalty=0.0"]
+    greedy, beam = results.strategies["greedy"], results.strategies["beam:length_penalty=0.0"]
     assert greedy["exact_match"] >= 0.75 and greedy["bleu"] > 75 and beam["exact_match"] >= 0.75  # 0.87-1.0 seen
     assert greedy["search_error_rate"] is None and 0.0 <= beam["search_error_rate"] <= 1.0
     # Search errors and perplexity recomputed from the model itself.
     model = load_package(package)
-    scores = {name: [o["outputs"][name]["score"] for o in results["outputs"]] for name in ("greedy", "beam:length_penalty=0.0")}
+    scores = {name: [o["outputs"][name]["score"] for o in results.outputs] for name in ("greedy", "beam:length_penalty=0.0")}
     by_hand = sum(b < g - 1e-4 for b, g in zip(scores["beam:length_penalty=0.0"], scores["greedy"])) / len(refs)
     assert beam["search_error_rate"] == pytest.approx(by_hand)
     batch = split_batch(data, "test")
     with torch.no_grad():
         loss = model(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out).item()
-    assert results["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4) and results["perplexity"] < 1.5
+    assert results.perplexity == pytest.approx(math.exp(loss), rel=1e-4) and results.perplexity < 1.5
 
 
 def test_search_errors_use_the_beam_objective_with_or_without_a_listed_greedy(package):
@@ -99,10 +99,10 @@ def test_search_errors_use_the_beam_objective_with_or_without_a_listed_greedy(pa
     torch.set_num_threads(1)
     both = Evaluator(EvalSpec(**common, strategies=strategy_configs(["greedy", "beam"], DecodingConfig(max_len=16))))
     with_greedy = both.evaluate()  # in this process: the Evaluator needs no Ray
-    assert beam_only["decoding"]["beam"]["length_penalty"] == 1.0  # conf/decoding/beam.yaml
-    rate = with_greedy["strategies"]["beam"]["search_error_rate"]
-    assert beam_only["strategies"]["beam"]["search_error_rate"] == pytest.approx(rate)
-    outs = [o["outputs"] for o in with_greedy["outputs"]]
+    assert beam_only.decoding["beam"]["length_penalty"] == 1.0  # conf/decoding/beam.yaml
+    rate = with_greedy.strategies["beam"]["search_error_rate"]
+    assert beam_only.strategies["beam"]["search_error_rate"] == pytest.approx(rate)
+    outs = [o["outputs"] for o in with_greedy.outputs]
     by_hand = sum(o["beam"]["score"] / o["beam"]["length"] < o["greedy"]["score"] / o["greedy"]["length"] - 1e-4
                   for o in outs) / len(outs)
     assert rate == pytest.approx(by_hand)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from data_pipeline import DataConfig, Manifest, ShardStream, decode, encode, load_tokenizer, prepare
+from data_pipeline import DataConfig, Manifest, ShardStream, detokenize, load_tokenizer, prepare, tokenize
 from data_pipeline.manifest import bad_files
 from data_pipeline.sources import TextLimits, builtin_documents
 from data_pipeline.tokenizer import MASK_TOKEN, special_tokens, train_tokenizer
@@ -43,9 +43,9 @@ def test_tokenizer_round_trip_and_reserved_ids(kind):
     assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]
     assert tok.token_to_id("<extra_id_0>") == 4 and tok.token_to_id(MASK_TOKEN) == 9
     for text in texts[:20]:
-        ids = encode(tok, text)
-        assert 3 not in ids and decode(tok, ids) == text
-    assert decode(tok, [1, *encode(tok, texts[0]), 2, 0, 0]) == texts[0]  # specials are skipped
+        ids = tokenize(tok, text)
+        assert 3 not in ids and detokenize(tok, ids) == text
+    assert detokenize(tok, [1, *tokenize(tok, texts[0]), 2, 0, 0]) == texts[0]  # specials are skipped
 
 
 def test_tokenizer_training_is_reproducible():
@@ -80,8 +80,8 @@ def test_shards_hold_the_tokenized_text_with_unique_keys_and_document_splits(pre
         assert len(samples) == prepared.data["splits"][split]["num_samples"]
         keys[split] = {s["__key__"] for s in samples}
         for s in samples[:10]:
-            tgt = decode(tok, s["tgt"])
-            assert decode(tok, s["src"]) == " ".join(tgt.lower().replace("'", "").translate(
+            tgt = detokenize(tok, s["tgt"])
+            assert detokenize(tok, s["src"]) == " ".join(tgt.lower().replace("'", "").translate(
                 {ord(c): " " for c in "!\"#$%&()*+,-./:;<=>?@[\\]^`{|}~"}).split())
     assert sum(map(len, keys.values())) == len(set().union(*keys.values())) == prepared.data["num_samples"]
     docs = {split: {k.split("-")[0] for k in ks} for split, ks in keys.items()}  # key = <document>-<record>
@@ -140,7 +140,7 @@ def test_jsonl_pairs_prepare_into_src_tgt_samples(tmp_path):
     with pytest.warns(UserWarning, match="data.vocab_size: the corpus gave"):  # 30 short lines: a small vocabulary
         m = prepare(cfg, progress=False, use_ray=False)
     tok = load_tokenizer(m.tokenizer_path)
-    got = {decode(tok, s["src"]): decode(tok, s["tgt"])
+    got = {detokenize(tok, s["src"]): detokenize(tok, s["tgt"])
            for s in ShardStream(m.path, rank=0, world_size=1, seed=0)}
     assert got == {r["src"]: r["tgt"] for r in rows}
 

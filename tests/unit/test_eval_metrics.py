@@ -8,9 +8,9 @@ import pytest
 import sacrebleu
 
 from orchestrator.config import ConfigError, compose_config, to_typed
-from orchestrator.eval_metrics import (corpus_bleu, corpus_chrf, exact_match, percentile, perplexity,
+from orchestrator.evaluation.metrics import (corpus_bleu, corpus_chrf, exact_match, percentile, perplexity,
                                        search_error_rate, speed, strategy_metrics)
-from orchestrator.strategies import parse_entry, strategy_config, strategy_configs
+from orchestrator.evaluation.presets import parse_entry, strategy_config, strategy_configs
 from trainers.decoding import DecodingConfig
 from trainers.decoding.hypothesis import make_hypothesis
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from orchestrator.config import compose_config, to_typed
-from orchestrator.sweep import search_algorithm
-from orchestrator.sweep_space import nest, parse_space
+from orchestrator.sweep.command import search_algorithm
+from orchestrator.sweep.space import nest, parse_space
 
 
 def sampled(seed: int | None, preset: str = "default") -> list[dict]:

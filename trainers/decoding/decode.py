@@ -63,7 +63,5 @@ def make_strategy(cfg: DecodingConfig, max_lens: list[int], src: torch.Tensor,
 
 def _position_cap(model: Seq2SeqModel) -> int:
     """Most decoder steps the model can take: a Transformer's position table ends at `max_positions`."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "arch", None) == "transformer":
-        return int(cfg.max_positions)
-    return 2**31
+    limit = getattr(model, "max_positions", None)
+    return 2**31 if limit is None else int(limit)

@@ -61,19 +61,21 @@ class Seq2SeqModel(nn.Module, ABC):
     config: ModelConfig
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
         """Teacher-forced logits, or the training loss when `labels` are given.
 
         src (B, S) long, right-padded with 0; src_lengths (B,) long;
         tgt_in (B, T) long, starting with bos, right-padded with 0.
         Returns logits (B, T, V); with labels (B, T) (target + eos, pad 0) the
         mean token cross-entropy instead, fused with the tied output
-        projection so that the (B, T, V) logits are never materialised.
+        projection so that the (B, T, V) logits are never materialised, smoothed
+        by `label_smoothing` as `F.cross_entropy(label_smoothing=)`.
         """
         hidden = self.hidden_states(src, src_lengths, tgt_in)  # (B, T, D)
         if labels is None:
             return F.linear(hidden, self.output_weight)  # (B, T, V)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.output_weight, labels.flatten())
+        return linear_cross_entropy(hidden.flatten(0, 1), self.output_weight, labels.flatten(),
+                                    label_smoothing=label_smoothing)
 
     @abstractmethod
     def hidden_states(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -108,6 +110,16 @@ class Seq2SeqModel(nn.Module, ABC):
     @abstractmethod
     def flops(self, src_len: int, tgt_len: int) -> FlopCount:
         """Analytic forward FLOPs per token for sequences of these lengths."""
+
+    @classmethod
+    def position_limit(cls, cfg: ModelConfig) -> int | None:
+        """Longest source or target sequence a model of this family and config accepts; None = no limit."""
+        return None
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest source or target sequence this model accepts (a Transformer's position table); None = any."""
+        return type(self).position_limit(self.config)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of (unique) parameters; a shared embedding counts once."""

@@ -280,6 +280,11 @@ class TransformerSeq2Seq(Seq2SeqModel):
         self.dec_norm = nn.LayerNorm(D) if cfg.norm_first else nn.Identity()
         self.apply(self._init_weights)
 
+    @classmethod
+    def position_limit(cls, cfg: ModelConfig) -> int:
+        """The position table covers `max_positions` source and target positions."""
+        return cfg.max_positions
+
     def _init_weights(self, module: nn.Module) -> None:
         """Linear and embedding weights N(0, 0.02), zero biases (as BART/GPT-2).
 
@@ -389,7 +394,7 @@ class TransformerSeq2Seq(Seq2SeqModel):
 
 
 # ----------------------------------------------------------------------------
-# Fused output projection + cross-entropy
+# KV-cache buffers
 # ----------------------------------------------------------------------------
 
 def _resized(cache: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:

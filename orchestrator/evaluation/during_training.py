@@ -23,10 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_pipeline.storage import is_remote
+from trainers.decoding import DecodingConfig
+from trainers.models import max_positions
 
-from .config import ConfigError, JobConfig
-from .strategies import strategy_configs
+from ..config import ConfigError
+from ..driver import TrainSpec
+from ..runs import CheckpointRoot, Run
+from .actor import EvalSpec
+from .config import EvalConfig
+from .presets import strategy_configs
 
 DEFAULT_SPLIT = "valid"
 
@@ -35,47 +40,45 @@ DEFAULT_SPLIT = "valid"
 class CheckpointEvalPlan:
     """What preflight settled for the evaluation actor."""
 
-    spec: Any
+    spec: EvalSpec
     """The actor's EvalSpec (W&B run id filled in once the run folder is open)."""
-    checkpoint_root: str
-    """Where the run's checkpoints are persisted (<storage>/checkpoints)."""
+    checkpoints: CheckpointRoot
+    """Where the run's checkpoints are persisted."""
     training_cpus: float
     """CPUs the training workers take (the actor gets at most what is left)."""
 
 
-def plan_checkpoint_evaluation(job: JobConfig, plan) -> tuple[JobConfig, CheckpointEvalPlan | None]:
+def plan_checkpoint_evaluation(run: Run, spec: TrainSpec, cfg: EvalConfig, *,
+                               decoding: DecodingConfig) -> tuple[TrainSpec, CheckpointEvalPlan | None]:
     """Check the eval slice against the training data (ConfigError); put training and eval in one W&B group.
 
-    Returns the job to train with (its W&B group set) and the plan, or (job, None) when off.
+    Returns the training spec to use (its W&B group set) and the plan, or (spec, None) when off.
     """
-    if not job.eval.during_training:
-        return job, None
-    from .evaluation import EvalSpec
-    from .train import CHECKPOINTS
-
-    manifest = plan.manifest
-    if is_remote(plan.storage_path):
-        raise ConfigError(f"eval.during_training: checkpoints in object storage ({plan.storage_path}) are not "
+    if not cfg.during_training:
+        return spec, None
+    if run.checkpoints.remote:
+        raise ConfigError(f"eval.during_training: checkpoints in object storage ({run.storage_path}) are not "
                           "evaluated during training; evaluate the model package afterwards (seqfoundry evaluate)")
-    if "src" not in manifest.data.get("fields", ()):
+    manifest = run.manifest
+    if not manifest.has_pairs:
         raise ConfigError(f"eval.during_training: {manifest.path} holds plain text; evaluation needs "
                           "source/target pairs (prepare with data.task=restore or data.task=pairs)")
-    split = job.eval.split or DEFAULT_SPLIT
-    if not manifest.data.get("splits", {}).get(split, {}).get("num_samples"):
+    split = cfg.split or DEFAULT_SPLIT
+    if not manifest.split_samples(split):
         raise ConfigError(f"eval.split: {manifest.path} has no samples in split {split!r}")
     try:
-        strategies = strategy_configs(list(job.eval.strategies), job.decoding)
+        strategies = strategy_configs(list(cfg.strategies), decoding)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    tracking = dataclasses.replace(job.tracking, group=job.tracking.group or f"train-{Path(plan.run.location).name}")
-    job = dataclasses.replace(job, tracking=tracking)
-    cap = plan.model.max_positions if plan.model.arch == "transformer" else job.data.batch.max_source_len
-    spec = EvalSpec(data_dir=str(manifest.folder), split=split, strategies=strategies, eval=job.eval,
-                    model=plan.model, tokenizer=str(manifest.tokenizer_path),
-                    max_source_len=min(job.data.batch.max_source_len, cap), verify=job.data.verify,
-                    run_dir=str(plan.run_dir), tracking=tracking)
-    t = job.trainer
-    return job, CheckpointEvalPlan(spec, f"{plan.storage_path}/{CHECKPOINTS}", t.num_workers * t.cpus_per_worker)
+    tracking = dataclasses.replace(spec.tracking, group=spec.tracking.group or f"train-{run.name}")
+    spec = dataclasses.replace(spec, tracking=tracking)
+    source_len = spec.data.batch.max_source_len
+    eval_spec = EvalSpec(data_dir=str(manifest.folder), split=split, strategies=strategies, eval=cfg,
+                         model=run.model, tokenizer=str(manifest.tokenizer_path),
+                         max_source_len=min(source_len, max_positions(run.model) or source_len),
+                         verify=spec.data.verify, run_dir=str(run.local), tracking=tracking)
+    t = spec.trainer
+    return spec, CheckpointEvalPlan(eval_spec, run.checkpoints, t.num_workers * t.cpus_per_worker)
 
 
 @dataclass(frozen=True)
@@ -89,16 +92,16 @@ class CheckpointHook:
 
 
 @contextmanager
-def checkpoint_evaluation(evaluation: CheckpointEvalPlan | None, run_info: dict) -> Iterator[CheckpointHook | None]:
+def checkpoint_evaluation(evaluation: CheckpointEvalPlan | None, run: Run) -> Iterator[CheckpointHook | None]:
     """Inside a Ray session: start the actor, yield the hook for `fit`, then drain and stop it."""
     if evaluation is None:
         yield None
         return
     import ray
 
-    from .evaluation import EvaluationActor
+    from .actor import EvaluationActor
 
-    spec = dataclasses.replace(evaluation.spec, wandb_run_id=f"{run_info['wandb_run_id']}-eval")
+    spec = dataclasses.replace(evaluation.spec, wandb_run_id=f"{run.wandb_run_id}-eval")
     spare = ray.cluster_resources().get("CPU", 0.0) - evaluation.training_cpus
     actor = EvaluationActor.options(num_cpus=max(0.0, min(spec.eval.num_cpus, spare)),
                                     num_gpus=1 if spec.eval.use_gpu else 0).remote(spec)
@@ -118,9 +121,9 @@ def drain(actor, evaluation: CheckpointEvalPlan, *, wait_s: float) -> list[dict]
     import ray
     from ray.exceptions import RayError
 
-    final = last_checkpoint(evaluation.checkpoint_root)
+    final = evaluation.checkpoints.latest()
     if final is not None:
-        actor.evaluate_checkpoint.remote(int(final.name.split("_")[1]), str(final))
+        actor.evaluate_checkpoint.remote(CheckpointRoot.step(final), str(final))
     done = actor.finish.remote()
     ready, _ = ray.wait([done], timeout=wait_s)
     metrics = Path(evaluation.spec.run_dir) / "eval_metrics.jsonl"
@@ -140,10 +143,3 @@ def drain(actor, evaluation: CheckpointEvalPlan, *, wait_s: float) -> list[dict]
         print(f"eval: {len(scored)} checkpoints evaluated; step {last['step']}: {cells}, "
               f"ppl {last['perplexity']:.2f} ({metrics})")
     return rows
-
-
-def last_checkpoint(root: str) -> Path | None:
-    if is_remote(root):  # remote storage: the rank-0 request stands alone
-        return None
-    found = sorted(Path(root).glob("step_*"))
-    return found[-1] if found else None

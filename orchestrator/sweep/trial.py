@@ -3,8 +3,8 @@ DeepSpeed fine-tune through Ray Train (the Train V2 driver-function pattern).
 
     Tune trial (tiny resource share) ── run_trial(config)
         trial_job: the sweep's JobConfig with the sampled values, run.dir=<sweep>/trial_<id>
-        preflight → open_run_dir → fit(TorchTrainer, callbacks=[ValidationToTune, ControllerMailbox])
-        write_final_package → <sweep>/trial_<id>/model
+        preflight_training → Run.open → fit(TorchTrainer, callbacks=[ValidationToTune, ControllerMailbox])
+        write_package → <sweep>/trial_<id>/model
 
 Workers report `{"step", "val_loss", "val_ppl"}` at each validation and
 `{"step", "tag", "final"}` at each checkpoint; only the validation reports go
@@ -31,9 +31,10 @@ from ray import tune
 from ray.train.v2._internal.execution.callback import ControllerCallback  # a DeveloperAPI class
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from .config import ConfigError, JobConfig, one_line, to_typed
-from .sweep_space import flatten
-from .train import fit, open_run_dir, preflight, write_final_package
+from ..config import ConfigError, JobConfig, one_line, to_typed
+from ..driver import fit, write_package
+from ..preflight import preflight_training, train_spec
+from .space import flatten
 
 
 @dataclass
@@ -76,16 +77,16 @@ def run_trial(config: dict, *, recipe: TrialRecipe) -> None:
 
     context = tune.get_context()
     job = trial_job(recipe, flatten(config), trial=f"trial_{context.get_trial_id()}")
-    plan = preflight(job, mode="finetune")
-    run_info = open_run_dir(job, plan)
+    run, spec = preflight_training(job, kind="finetune"), train_spec(job)
+    run.open()
     mailbox = Queue(actor_options={"num_cpus": 0})
     _RUNNING["mailbox"] = mailbox
     try:
-        fit(job, plan, run_info, callbacks=(ValidationToTune(job.sweep.metric), ControllerMailbox(mailbox)))
+        fit(run, spec, callbacks=(ValidationToTune(job.sweep.metric), ControllerMailbox(mailbox)))
     finally:
         _RUNNING.pop("mailbox", None)
-    package = write_final_package(plan, run_info)
-    print(f"sweep: {plan.run_dir.name} wrote {package}", flush=True)
+    package = write_package(run)
+    print(f"sweep: {run.name} wrote {package}", flush=True)
 
 
 class ValidationToTune(TuneReportCallback):

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from trainers.decoding import DecodingConfig
 
-from .conf_dir import CONF_DIR
+from ..conf_dir import CONF_DIR
 
 PRESET_DIR = CONF_DIR / "decoding"
 SHARED_KEYS = ("max_len", "max_len_a", "max_len_b", "min_len")

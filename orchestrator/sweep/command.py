@@ -1,6 +1,6 @@
 """`seqfoundry sweep`: a Ray Tune search over fine-tuning hyperparameters of a
 model package; every trial is a DeepSpeed fine-tune through Ray Train
-(`sweep_trial.py`), stopped early by ASHA when it falls behind.
+(`sweep/trial.py`), stopped early by ASHA when it falls behind.
 
     seqfoundry sweep pretrained=runs/p1/model experiment=tiny run.dir=runs/s1
     seqfoundry sweep pretrained=... sweep=tiny sweep.num_samples=4 sweep.scheduler=fifo
@@ -25,16 +25,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from ray import tune
 
 from data_pipeline import Manifest
 
-from .cluster import ray_session
-from .config import ConfigError, JobConfig, require_local
-from .sweep_space import Domain, flatten, nest, num_trials, parse_space
-from .sweep_trial import AbortTrainingOnStop, TrialRecipe, run_trial, trial_job, trial_name
-from .train import failure_summary, preflight
+from ..cluster import ray_session
+from ..config import ConfigError, JobConfig, require_local
+from ..driver import failure_summary
+from ..preflight import preflight_training
+from ..runs import config_container, write_config
+from .space import Domain, flatten, nest, num_trials, parse_space
+from .trial import AbortTrainingOnStop, TrialRecipe, run_trial, trial_job, trial_name
 
 RESULTS = "sweep_results.json"
 TUNE_DIR = "tune"
@@ -59,8 +60,7 @@ class SweepPlan:
 
 def run(job: JobConfig) -> int:
     plan = plan_sweep(job)
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    (plan.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(plan.job)))
+    write_config(plan.run_dir, config_container(plan.job))
     t0 = time.perf_counter()
     with ray_session(job.cluster):
         trials = tune_trials(plan)
@@ -88,18 +88,13 @@ def best_trial(sweep_dir: str | Path) -> dict:
 # --- checks, before Ray -------------------------------------------------------------------
 
 def plan_sweep(job: JobConfig) -> SweepPlan:
-    require_local("run.dir", job.run.dir, "sweep")
-    require_local("cluster.storage_path", job.cluster.storage_path, "sweep")
+    check_sweep_config(job)
     job = absolute_paths(job)
     s = job.sweep
     run_dir = Path(job.run.dir)
-    if not s.space:
-        raise ConfigError("sweep.space: empty; pick a preset (sweep=default, sweep=tiny) or add domains")
-    if job.resume:
-        raise ConfigError("resume: a sweep cannot be resumed; start it again in another run.dir")
     if (run_dir / RESULTS).exists() or (run_dir / TUNE_DIR).exists():
         raise ConfigError(f"run.dir: {run_dir} already holds a sweep; choose another run.dir")
-    check_validation_split(preflight(job, mode="finetune").manifest)  # data, package, resources
+    check_validation_split(preflight_training(job, kind="finetune").manifest)  # data, package, resources
     name = s.name or run_dir.name
     storage = f"{job.cluster.storage_path.rstrip('/')}/{name}" if job.cluster.storage_path else ""
     recipe = TrialRecipe(job=job, sweep_dir=str(run_dir), group=job.tracking.group or name, storage=storage)
@@ -107,12 +102,27 @@ def plan_sweep(job: JobConfig) -> SweepPlan:
     for domain in domains:
         check_domain(recipe, domain)
     grace = s.grace_period or job.trainer.val_every
+    return SweepPlan(job, run_dir, name, domains, num_trials(domains, s.num_samples), grace, recipe)
+
+
+def check_sweep_config(job: JobConfig) -> None:
+    """The checks that need no data or package (the pipeline runs them before its first stage)."""
+    require_local("run.dir", job.run.dir, "sweep")
+    require_local("cluster.storage_path", job.cluster.storage_path, "sweep")
+    s = job.sweep
+    if not s.space:
+        raise ConfigError("sweep.space: empty; pick a preset (sweep=default, sweep=tiny) or add domains")
+    if job.resume:
+        raise ConfigError("resume: a sweep cannot be resumed; start it again in another run.dir")
+    for domain in parse_space(s.space):
+        if domain.key.startswith(SET_BY_THE_SWEEP):
+            raise ConfigError(f"sweep.space.{domain.key}: set by the sweep itself, it cannot be searched")
+    grace = s.grace_period or job.trainer.val_every
     if s.scheduler == "asha" and not job.trainer.val_every:
         raise ConfigError("trainer.val_every: ASHA stops trials on their validation results; set it "
                           f"(e.g. trainer.val_every={max(1, job.trainer.max_steps // 10)}) or use sweep.scheduler=fifo")
     if s.scheduler == "asha" and grace > job.trainer.max_steps:
         raise ConfigError(f"sweep.grace_period: {grace} steps exceed trainer.max_steps={job.trainer.max_steps}")
-    return SweepPlan(job, run_dir, name, domains, num_trials(domains, s.num_samples), grace, recipe)
 
 
 def absolute_paths(job: JobConfig) -> JobConfig:
@@ -124,7 +134,7 @@ def absolute_paths(job: JobConfig) -> JobConfig:
 
 
 def check_validation_split(manifest: Manifest) -> None:
-    if not manifest.data.get("splits", {}).get("valid", {}).get("num_samples"):
+    if not manifest.split_samples("valid"):
         raise ConfigError(f"data.dir: {manifest.path} has no validation samples, and trials are ranked on them "
                           "(prepare with data.valid_fraction > 0)")
 
@@ -138,7 +148,7 @@ def check_domain(recipe: TrialRecipe, domain: Domain) -> None:
                           "only model.dropout can be searched")
     for value in domain.candidates():
         try:
-            preflight(trial_job(recipe, {domain.key: value}, trial="trial_check"), mode="finetune")
+            preflight_training(trial_job(recipe, {domain.key: value}, trial="trial_check"), kind="finetune")
         except ConfigError as err:
             where = f"sweep.space.{domain.key}"
             raise ConfigError(f"{where}: {value!r} is refused ({str(err).removeprefix(where + ': ')})") from err

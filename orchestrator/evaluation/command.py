@@ -17,17 +17,19 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from data_pipeline.storage import as_path, local_copy
 from trainers.decoding import DecodingConfig
-from data_pipeline.storage import as_path, is_remote, local_copy
-from trainers.package import (PackageError, check_compatible, read_lineage, read_model_config, sha256_file)
+from trainers.models import max_positions
+from trainers.package import read_lineage, read_model_config, sha256_file
 
-from .cluster import ray_session
-from .config import ConfigError, JobConfig, load_job_config
-from .evaluation import EvalSpec, metrics_table, open_wandb, samples_table, wandb_metrics
-from .strategies import strategy_configs
-from .tracking import new_run_id
+from ..cluster import ray_session
+from ..config import ConfigError, JobConfig, load_job_config
+from ..preflight import check_package, check_pairs, load_manifest, open_folder
+from ..runs import config_container, folder_name, write_config
+from ..tracking import TrackingConfig, new_run_id, open_wandb
+from .actor import EvalSpec, metrics_table, samples_table
+from .presets import strategy_configs
+from .result import EvalResult
 
 FROM_PACKAGE = "@package"
 """`data.dir` value meaning "the data the package was trained on" (the evaluate command's default)."""
@@ -36,31 +38,27 @@ OUTPUTS = "eval_outputs.jsonl"
 
 
 def run(job: JobConfig) -> int:
-    from .train import run_folder
-
     spec = plan_evaluation(job)  # every check, before Ray starts
-    run = run_folder(job.run.dir, writable=True)  # an object-storage run.dir is written locally, then uploaded
-    run_dir = run.local
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+    folder = open_folder(job.run.dir, writable=True)  # an object-storage run.dir is written locally, then uploaded
+    write_config(folder.local, config_container(job))
     print(f"evaluate: {spec.package} on {spec.data_dir} ({spec.split}), strategies {', '.join(spec.strategies)}",
           file=sys.stderr)
     with ray_session(job.cluster):
         results = evaluate_in_actor(spec, num_cpus=job.eval.num_cpus, use_gpu=job.eval.use_gpu)
-    results["package"] = package_info(spec.package)
-    results["wandb_run_id"] = log_to_wandb(job, results, run_dir)
-    write_results(results, run_dir)
-    run.push("config.yaml", RESULTS, OUTPUTS, "wandb")
+    results.package = package_info(spec.package)
+    results.wandb_run_id = log_to_wandb(job.tracking, results, folder.local, package=job.eval.package)
+    write_results(results, folder.local)
+    folder.push("config.yaml", RESULTS, OUTPUTS, "wandb")
     print_table(results)
-    print(f"results in {run.where(RESULTS)}")
+    print(f"results in {folder.where(RESULTS)}")
     return 0
 
 
-def evaluate_in_actor(spec: EvalSpec, *, num_cpus: float, use_gpu: bool) -> dict:
+def evaluate_in_actor(spec: EvalSpec, *, num_cpus: float, use_gpu: bool) -> EvalResult:
     """One evaluation in a fresh EvaluationActor (Ray must be initialised)."""
     import ray
 
-    from .evaluation import EvaluationActor
+    from .actor import EvaluationActor
 
     actor = EvaluationActor.options(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0).remote(spec)
     try:
@@ -73,30 +71,14 @@ def evaluate_in_actor(spec: EvalSpec, *, num_cpus: float, use_gpu: bool) -> dict
 
 def plan_evaluation(job: JobConfig) -> EvalSpec:
     """The actor's spec: package, data folder, split and strategies, all checked (ConfigError)."""
-    package = check_package(job.eval.package)
+    package = check_package(job.eval.package, key="eval.package")
     data_dir = data_for(package, job.data.dir)
     split = job.eval.split or "test"
-    check_pairs(data_dir, split, package)
-    model = read_model_config(package)
-    cap = model.max_positions if model.arch == "transformer" else job.data.batch.max_source_len
+    check_data(data_dir, split, package)
+    source_len = job.data.batch.max_source_len
     return EvalSpec(data_dir=data_dir, split=split, strategies=strategies(job), eval=job.eval, package=str(package),
-                    max_source_len=min(job.data.batch.max_source_len, cap), verify=job.data.verify)
-
-
-def check_package(path: str, key: str = "eval.package") -> Path:
-    """A readable model package folder, or a one-line ConfigError naming `package`."""
-    if not path:
-        raise ConfigError(f"{key}: needs package=<model package folder> (e.g. runs/<run>/model)")
-    package = as_path(path)
-    package = package if is_remote(package) else package.resolve()  # a package may be in object storage
-    try:
-        read_model_config(package)
-    except PackageError as err:
-        raise ConfigError(f"{key}: {err}") from None
-    for name in ("model.safetensors", "tokenizer.json"):
-        if not (package / name).is_file():
-            raise ConfigError(f"{key}: {package / name} not found (is {path} a model package?)")
-    return package
+                    max_source_len=min(source_len, max_positions(read_model_config(package)) or source_len),
+                    verify=job.data.verify)
 
 
 def data_for(package: Path, data_dir: str) -> str:
@@ -115,17 +97,12 @@ def data_for(package: Path, data_dir: str) -> str:
     return found
 
 
-def check_pairs(data_dir: str, split: str, package: Path) -> None:
-    from .train import load_manifest
+def check_data(data_dir: str, split: str, package: Path) -> None:
+    """Pairs in `split`, tokenized with the package's tokenizer."""
+    from trainers.package import PackageError, check_compatible
 
     manifest = load_manifest(data_dir)
-    if "src" not in manifest.data.get("fields", ()):
-        raise ConfigError(f"data.dir: {manifest.path} holds plain text; evaluation needs source/target pairs "
-                          "(prepare with data.task=restore or data.task=pairs)")
-    splits = manifest.data.get("splits", {})
-    if not splits.get(split, {}).get("num_samples"):
-        raise ConfigError(f"eval.split: {manifest.path} has no samples in split {split!r} "
-                          f"(splits: {', '.join(k for k, v in splits.items() if v.get('num_samples'))})")
+    check_pairs(manifest, split)
     try:
         check_compatible(package, tokenizer_json=manifest.local_tokenizer_path(), vocab_size=manifest.vocab_size)
     except PackageError as err:
@@ -147,24 +124,23 @@ def package_info(package: str) -> dict:
             "arch": read_model_config(path).arch, "lineage": read_lineage(path).__dict__}
 
 
-def write_results(results: dict, run_dir: Path) -> None:
+def write_results(results: EvalResult, run_dir: Path) -> None:
     """eval_results.json (everything but the outputs) and eval_outputs.jsonl (one line per source)."""
-    outputs = results.pop("outputs", [])
-    (run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / RESULTS).write_text(json.dumps(results.to_json(), indent=2) + "\n")
     with open(run_dir / OUTPUTS, "w") as f:
-        for row in outputs:
+        for row in results.outputs:
             f.write(json.dumps(row) + "\n")
 
 
-def log_to_wandb(job: JobConfig, results: dict, run_dir: Path) -> str | None:
+def log_to_wandb(tracking: TrackingConfig, results: EvalResult, run_dir: Path, *, package: str) -> str | None:
     """A W&B run of job type `evaluate`: metrics, a metrics table and a table of sample outputs."""
-    if job.tracking.resolved_mode() == "disabled":
+    if tracking.resolved_mode() == "disabled":
         return None
     run_id = new_run_id()
-    run = open_wandb(job.tracking, run_dir=run_dir, run_id=run_id, name=f"eval-{Path(job.eval.package).parent.name}",
-                     job_type="evaluate", config={"package": job.eval.package, "dataset": results["dataset"],
-                                                  "strategies": results["decoding"]})
-    metrics = wandb_metrics(results)
+    run = open_wandb(tracking, run_dir=run_dir, run_id=run_id, name=f"eval-{folder_name(str(Path(package).parent))}",
+                     job_type="evaluate", config={"package": package, "dataset": results.dataset,
+                                                  "strategies": results.decoding})
+    metrics = results.wandb_metrics()
     run.log({**metrics, "eval/samples": samples_table(results), "eval/metrics": metrics_table(results)})
     run.summary.update(metrics)
     run.finish()
@@ -176,15 +152,14 @@ COLUMNS = (("bleu", "BLEU", "{:.2f}"), ("chrf", "chrF", "{:.2f}"), ("exact_match
            ("search_error_rate", "search err", "{:.1%}"))
 
 
-def print_table(results: dict) -> None:
+def print_table(results: EvalResult) -> None:
     """Strategies x metrics, then perplexity and the sacreBLEU signatures."""
-    width = max(10, *(len(n) + 2 for n in results["strategies"]))
+    width = max(10, *(len(n) + 2 for n in results.strategies))
     print(f"{'strategy':<{width}}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS))
-    for name, metrics in results["strategies"].items():
+    for name, metrics in results.strategies.items():
         cells = [fmt.format(metrics[key]) if metrics.get(key) is not None else "-" for key, _, fmt in COLUMNS]
         print(f"{name:<{width}}" + "".join(f"{c:>12}" for c in cells))
-    n = results["counts"]["samples"]
-    print(f"{n} pairs of {results['dataset']['dir']} ({results['dataset']['split']}); "
-          f"teacher-forced perplexity {results['perplexity']:.3f}")
-    first = next(iter(results["signatures"].values()))
+    print(f"{results.counts['samples']} pairs of {results.dataset['dir']} ({results.dataset['split']}); "
+          f"teacher-forced perplexity {results.perplexity:.3f}")
+    first = next(iter(results.signatures.values()))
     print(f"BLEU {first['bleu']}\nchrF {first['chrf']}")

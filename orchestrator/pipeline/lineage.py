@@ -18,7 +18,7 @@ from typing import Any
 
 from trainers.package import sha256_file
 
-from .tracking import TrackingConfig
+from ..tracking import TrackingConfig, open_wandb
 
 
 @dataclass
@@ -55,7 +55,7 @@ def make_record(name: str, kind: str, path: Path, *, parents: list[str], wandb_r
                           wandb_run_id, reused, metadata or {})
 
 
-class Lineage:
+class LineageGraph:
     """Collects ArtifactRecords; writes pipeline.json after every stage (a crash keeps what was done)."""
 
     def __init__(self, path: Path, *, group: str):
@@ -79,16 +79,15 @@ class Lineage:
         tmp.replace(self.path)
 
 
-def log_to_wandb(tracking: TrackingConfig, lineage: Lineage, record: ArtifactRecord, *, run_dir: Path) -> None:
+def log_to_wandb(tracking: TrackingConfig, lineage: LineageGraph, record: ArtifactRecord, *, run_dir: Path) -> None:
     """Log `record` as a W&B artifact from its producing run (resumed by id), using its parents online."""
     mode = tracking.resolved_mode()
     if mode == "disabled":
         return
     import wandb
 
-    run = wandb.init(project=tracking.project, entity=tracking.entity, group=lineage.group, id=record.wandb_run_id,
-                     resume="allow" if record.wandb_run_id else None, job_type=f"lineage-{record.name}",
-                     mode=mode, dir=str(run_dir), settings=wandb.Settings(console="off", silent=True))
+    run = open_wandb(tracking, run_dir=run_dir, run_id=record.wandb_run_id, name=None,
+                     job_type=f"lineage-{record.name}", group=lineage.group)
     artifact = wandb.Artifact(artifact_name(lineage.group, record.name), type=record.type,
                               metadata={"sha256": record.sha256, "path": record.path, "parents": record.parents,
                                         **record.metadata})

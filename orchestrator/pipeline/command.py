@@ -18,10 +18,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import ray_session
-from .config import ConfigError, JobConfig, require_local
-from .lineage import Lineage, log_to_wandb, make_record
-from .pipeline_config import STAGES  # noqa: F401  (re-exported)
+from ..cluster import ray_session
+from ..config import ConfigError, JobConfig, require_local
+from ..evaluation.result import EvalResult
+from .lineage import LineageGraph, log_to_wandb, make_record
 
 @dataclass
 class Folders:
@@ -47,11 +47,11 @@ def stage_job(job: JobConfig, *, run_dir: Path, data_dir: Path, **changes) -> Jo
 
 
 def run(job: JobConfig) -> int:
-    require_local("run.dir", job.run.dir, "pipeline")
     f = folders(job)
+    check_stages(job, f)  # every stage's config, before the first stage starts
     f.root.mkdir(parents=True, exist_ok=True)
     group = job.tracking.group or f"pipeline-{f.root.name}"
-    lineage = Lineage(f.root / "pipeline.json", group=group)
+    lineage = LineageGraph(f.root / "pipeline.json", group=group)
     with ray_session(job.cluster):
         data = stage_prepare(job, f, lineage)
         pretrained = stage_pretrain(job, f, lineage, data)
@@ -64,12 +64,34 @@ def run(job: JobConfig) -> int:
     return 0
 
 
+def check_stages(job: JobConfig, f: Folders) -> None:
+    """The config checks of every stage that will run (ConfigError), before any of them runs.
+
+    What needs a stage's output (the prepared data, the pretrained package) is checked by that
+    stage's own preflight when it starts.
+    """
+    from ..evaluation.command import strategies
+    from ..preflight import check_training_config
+    from ..sweep.command import check_sweep_config
+
+    require_local("run.dir", job.run.dir, "pipeline")
+    stages = job.pipeline.stages
+    if "pretrain" in stages and not job.pretrained:
+        check_training_config(stage_job(job, run_dir=f.pretrain, data_dir=f.data, pretrained=""), kind="pretrain")
+    if "sweep" in stages and not job.pipeline.finetuned:
+        sweep = stage_job(job, run_dir=f.sweep, data_dir=f.data, pretrained=str(job.pretrained or f.pretrain))
+        check_sweep_config(sweep)
+        check_training_config(sweep, kind="finetune")
+    if "evaluate" in stages:
+        strategies(job)
+
+
 # --- stages -----------------------------------------------------------------------------
 
-def stage_prepare(job: JobConfig, f: Folders, lineage: Lineage) -> Path:
+def stage_prepare(job: JobConfig, f: Folders, lineage: LineageGraph) -> Path:
     from data_pipeline.prepare import plan as plan_prepare
 
-    from .prepare import run as prepare
+    from ..prepare import run as prepare
 
     stage = stage_job(job, run_dir=f.root, data_dir=f.data)
     reused = bool(job.pipeline.data) or "prepare" not in job.pipeline.stages
@@ -86,8 +108,8 @@ def stage_prepare(job: JobConfig, f: Folders, lineage: Lineage) -> Path:
     return f.data
 
 
-def stage_pretrain(job: JobConfig, f: Folders, lineage: Lineage, data: Path) -> Path:
-    from .train import train
+def stage_pretrain(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path) -> Path:
+    from ..train import train
 
     if job.pretrained:
         package, reused, run_id = Path(job.pretrained), True, None
@@ -95,7 +117,7 @@ def stage_pretrain(job: JobConfig, f: Folders, lineage: Lineage, data: Path) -> 
         package = f.pretrain / "model"
         reused = (package / "model.safetensors").is_file() or "pretrain" not in job.pipeline.stages
         if not reused:
-            check(train(stage_job(job, run_dir=f.pretrain, data_dir=data, pretrained=""), mode="pretrain"), "pretrain")
+            check(train(stage_job(job, run_dir=f.pretrain, data_dir=data, pretrained=""), kind="pretrain"), "pretrain")
         run_id = run_json(f.pretrain).get("wandb_run_id")
     if not (package / "model.safetensors").is_file():
         raise ConfigError(f"pretrained: {package} is not a model package (run the pretrain stage or name one)")
@@ -103,8 +125,8 @@ def stage_pretrain(job: JobConfig, f: Folders, lineage: Lineage, data: Path) -> 
     return package
 
 
-def stage_sweep(job: JobConfig, f: Folders, lineage: Lineage, data: Path, pretrained: Path) -> Path:
-    from .sweep import best_trial, run as sweep
+def stage_sweep(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path, pretrained: Path) -> Path:
+    from ..sweep.command import best_trial, run as sweep
 
     if job.pipeline.finetuned:
         package, reused, run_id = Path(job.pipeline.finetuned), True, None
@@ -120,8 +142,8 @@ def stage_sweep(job: JobConfig, f: Folders, lineage: Lineage, data: Path, pretra
     return package
 
 
-def stage_evaluate(job: JobConfig, f: Folders, lineage: Lineage, data: Path, finetuned: Path) -> dict:
-    from .evaluate import run as evaluate
+def stage_evaluate(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path, finetuned: Path) -> EvalResult:
+    from ..evaluation.command import run as evaluate
 
     results = f.eval / "eval_results.json"
     reused = results.is_file() or "evaluate" not in job.pipeline.stages
@@ -131,9 +153,9 @@ def stage_evaluate(job: JobConfig, f: Folders, lineage: Lineage, data: Path, fin
         check(evaluate(eval_job), "evaluate")
     if not results.is_file():
         raise ConfigError(f"pipeline.stages: {results} missing (run the evaluate stage)")
-    loaded = json.loads(results.read_text())
+    loaded = EvalResult.from_json(json.loads(results.read_text()))
     lineage.add(make_record("evaluation", "results", results, parents=["finetuned", "data"],
-                            wandb_run_id=loaded.get("wandb_run_id"), reused=reused))
+                            wandb_run_id=loaded.wandb_run_id, reused=reused))
     return loaded
 
 
@@ -150,9 +172,9 @@ def run_json(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def print_results(results: dict, lineage: Lineage) -> None:
+def print_results(results: EvalResult, lineage: LineageGraph) -> None:
     """The pipeline ends with the evaluation's table: decoding strategies x metrics."""
-    from .evaluate import print_table
+    from ..evaluation.command import print_table
 
     print()
     print_table(results)

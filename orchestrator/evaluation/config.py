@@ -1,15 +1,13 @@
-"""Config slices of `seqfoundry evaluate` (`eval.*`) and `seqfoundry generate` (`generate.*`)
-(kept apart from evaluation.py so that the config module stays light)."""
+"""The `eval.*` config slice of `seqfoundry evaluate` and of evaluation during training
+(kept apart from the actor so that the config module stays light: no Ray, no torch)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .strategies import strategy_configs
+from .presets import strategy_configs
 
 SPLITS = ("", "train", "valid", "test")
-GENERATE_FORMATS = ("text", "jsonl")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -50,27 +48,3 @@ class EvalConfig:
         if self.wait_s < 0 or self.num_cpus < 0:
             raise ValueError(f"eval.wait_s/num_cpus: must be >= 0, got {self.wait_s}, {self.num_cpus}")
         strategy_configs(list(self.strategies))  # ValueError naming eval.strategies
-
-
-@dataclass
-class GenerateConfig:
-    package: str = ""
-    """Model package to generate with (`seqfoundry generate package=runs/p1/model`)."""
-    input: str = ""
-    """File of source lines; empty or `-` = standard input."""
-    output: str = ""
-    """File to write; empty or `-` = standard output."""
-    format: str = "text"
-    """`text`: the best output per line; `jsonl`: every hypothesis with its tokens and scores."""
-    batch_size: int = 32
-    """Source lines decoded together (the outputs do not depend on it)."""
-    device: str = "auto"
-    """`auto` (a GPU when there is one), `cpu` or `cuda`."""
-
-    def __post_init__(self) -> None:
-        if self.format not in GENERATE_FORMATS:
-            raise ValueError(f"generate.format: must be text or jsonl, got {self.format!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"generate.batch_size: must be >= 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise ValueError(f"generate.device: must be auto, cpu or cuda, got {self.device!r}")

@@ -28,18 +28,18 @@ from typing import Any
 import ray
 import torch
 
+from data_pipeline import EOS_ID, Manifest, ShardStream, detokenize, load_tokenizer
 from data_pipeline.storage import as_path, local_copy
-from data_pipeline import EOS_ID, Manifest, ShardStream, decode as decode_text, load_tokenizer
 from trainers.decoding import DecodingConfig, Hypothesis, decode
 from trainers.export import export_package
 from trainers.models import ModelConfig, build_model
 from trainers.package import TOKENIZER, Lineage, PackageError, load_package, sha256_file
 
-from .eval_config import EvalConfig
-from .eval_metrics import perplexity, strategy_metrics
-from .tracking import TrackingConfig
+from ..tracking import TrackingConfig, open_wandb
+from .config import EvalConfig
+from .metrics import perplexity, strategy_metrics
+from .result import EvalResult
 
-FORMAT = "seqfoundry.eval/1"
 MAX_RESTARTS = 3
 """Times Ray restarts a dead evaluation actor (its constructor runs again)."""
 MAX_TASK_RETRIES = 3
@@ -108,11 +108,10 @@ def load_pairs(spec: EvalSpec, tokenizer) -> EvalPairs:
         pairs.keys.append(sample["__key__"])
         pairs.src.append(src[: spec.max_source_len - 1] + [EOS_ID])
         pairs.tgt.append(tgt + [EOS_ID])
-        pairs.sources.append(decode_text(tokenizer, src))
-        pairs.references.append(decode_text(tokenizer, tgt))
+        pairs.sources.append(detokenize(tokenizer, src))
+        pairs.references.append(detokenize(tokenizer, tgt))
     pairs.info = {"dir": str(manifest.folder), "split": spec.split, "manifest_sha256": sha256_file(manifest.path),
-                  "task": manifest.data.get("task"), "num_samples": len(pairs),
-                  "split_samples": manifest.data["splits"][spec.split]["num_samples"],
+                  "task": manifest.task, "num_samples": len(pairs), "split_samples": manifest.split_samples(spec.split),
                   "truncated_sources": truncated}
     return pairs
 
@@ -134,7 +133,7 @@ class Evaluator:
         self.pairs = load_pairs(spec, self.tokenizer)
         if not len(self.pairs):
             raise ValueError(f"eval.split: no pairs in split {spec.split!r} of {spec.data_dir}")
-        self.position_cap = self.model.config.max_positions if self.model.config.arch == "transformer" else 2**31
+        self.position_cap = self.model.max_positions or 2**31
 
     def load_checkpoint(self, checkpoint_dir: str | Path, *, step: int) -> None:
         """Consolidate a DeepSpeed checkpoint (any ZeRO stage) and load its fp32 weights."""
@@ -142,12 +141,13 @@ class Evaluator:
             package = export_package(checkpoint_dir, Path(tmp) / "model", model_cfg=self.model.config,
                                      tokenizer=self.spec.tokenizer, lineage=Lineage(step=step))
             self.model = load_package(package).to(self.device)
+        self.position_cap = self.model.max_positions or 2**31
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self) -> EvalResult:
         """Every strategy's metrics, teacher-forced perplexity, and the decoded outputs."""
         t0 = time.perf_counter()
         runs = {name: self.decode_all(cfg) for name, cfg in self.spec.strategies.items()}
-        texts = {name: [decode_text(self.tokenizer, h.tokens) for h in best] for name, (best, _) in runs.items()}
+        texts = {name: [detokenize(self.tokenizer, h.tokens) for h in best] for name, (best, _) in runs.items()}
         strategies, signatures = {}, {}
         for name, cfg in self.spec.strategies.items():
             best, seconds = runs[name]
@@ -161,21 +161,16 @@ class Evaluator:
                                             "length": len(runs[name][0][i].tokens)} for name in names}}
                    for i, (key, source, reference) in enumerate(
                        zip(self.pairs.keys, self.pairs.sources, self.pairs.references))]
-        return {
-            "format": FORMAT,
-            "dataset": self.pairs.info,
-            "perplexity": ppl["ppl"], "loss": ppl["loss"],
-            "counts": {"samples": len(self.pairs), "reference_tokens": ppl["tokens"],
-                       "truncated_sources": self.pairs.info["truncated_sources"]},
-            "strategies": strategies,
-            "signatures": signatures,
-            "decoding": {name: dataclasses.asdict(cfg) for name, cfg in self.spec.strategies.items()},
-            "samples": [{"key": o["key"], "source": o["source"], "reference": o["reference"],
-                         **{name: o["outputs"][name]["text"] for name in names}}
-                        for o in outputs[: self.spec.eval.num_examples]],
-            "outputs": outputs,
-            "elapsed_s": time.perf_counter() - t0,
-        }
+        return EvalResult(
+            dataset=self.pairs.info, perplexity=ppl["ppl"], loss=ppl["loss"],
+            counts={"samples": len(self.pairs), "reference_tokens": ppl["tokens"],
+                    "truncated_sources": self.pairs.info["truncated_sources"]},
+            strategies=strategies, signatures=signatures,
+            decoding={name: dataclasses.asdict(cfg) for name, cfg in self.spec.strategies.items()},
+            samples=[{"key": o["key"], "source": o["source"], "reference": o["reference"],
+                      **{name: o["outputs"][name]["text"] for name in names}}
+                     for o in outputs[: self.spec.eval.num_examples]],
+            outputs=outputs, elapsed_s=time.perf_counter() - t0)
 
     def decode_all(self, cfg: DecodingConfig) -> tuple[list[Hypothesis], list[float]]:
         """Best hypothesis of every source (dataset order) and the seconds of each decode call.
@@ -253,7 +248,7 @@ class EvaluationActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self) -> EvalResult:
         """Evaluate the loaded package (or the last loaded checkpoint)."""
         return self.evaluator.evaluate()
 
@@ -276,7 +271,7 @@ class EvaluationActor:
             self.log.status(step=step, state="idle")
             return self.log.append(row, results=None)
         results = self.evaluator.evaluate()
-        row = self.log.append({"step": step, "checkpoint": path, **summary(results)}, results=results)
+        row = self.log.append({"step": step, "checkpoint": path, **results.summary()}, results=results)
         self.log.status(step=step, state="idle")
         return row
 
@@ -286,12 +281,6 @@ class EvaluationActor:
             return []
         self.log.close()
         return self.log.rows()
-
-
-def summary(results: dict) -> dict:
-    """The compact form of a result (no outputs): what eval_metrics.jsonl keeps per step."""
-    return {"perplexity": results["perplexity"], "loss": results["loss"], "counts": results["counts"],
-            "strategies": results["strategies"], "elapsed_s": results["elapsed_s"]}
 
 
 class CheckpointLog:
@@ -311,7 +300,7 @@ class CheckpointLog:
     def find(self, step: int) -> dict | None:
         return next((r for r in self.rows() if r["step"] == step), None)
 
-    def append(self, row: dict, *, results: dict | None) -> dict:
+    def append(self, row: dict, *, results: EvalResult | None) -> dict:
         row = {**row, "time": time.time()}
         if results is not None:
             self.log_wandb(row["step"], results)
@@ -326,17 +315,16 @@ class CheckpointLog:
         tmp.write_text(json.dumps(status))
         tmp.replace(self.run_dir / STATUS)
 
-    def log_wandb(self, step: int, results: dict) -> None:
+    def log_wandb(self, step: int, results: EvalResult) -> None:
         if self.spec.tracking.resolved_mode() == "disabled":
             return
         if self.wandb is None:
             self.wandb = open_wandb(self.spec.tracking, run_dir=self.run_dir, run_id=self.spec.wandb_run_id,
                                     name=f"{self.run_dir.name}-eval", job_type="eval",
-                                    config={"strategies": results["decoding"], "dataset": results["dataset"]})
+                                    config={"strategies": results.decoding, "dataset": results.dataset})
             self.wandb.define_metric("train_step")
             self.wandb.define_metric("eval/*", step_metric="train_step")
-        self.wandb.log({"train_step": step, **wandb_metrics(results),
-                        "eval/samples": samples_table(results)})
+        self.wandb.log({"train_step": step, **results.wandb_metrics(), "eval/samples": samples_table(results)})
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -344,40 +332,22 @@ class CheckpointLog:
             self.wandb = None
 
 
-# --- W&B ---------------------------------------------------------------------------------
+# --- W&B tables ----------------------------------------------------------------------------
 
-def open_wandb(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str, job_type: str, config: dict):
-    """A W&B run (offline unless configured otherwise) writing under `<run_dir>/wandb`."""
-    import wandb
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags, name=name,
-                      id=run_id or None, resume="allow", mode=cfg.resolved_mode(), dir=str(run_dir),
-                      config=config, job_type=job_type, settings=wandb.Settings(console="off", silent=True))
-
-
-def wandb_metrics(results: dict) -> dict[str, float]:
-    """`eval/<strategy>/<metric>` for every numeric metric, plus `eval/perplexity`."""
-    flat = {"eval/perplexity": results["perplexity"], "eval/loss": results["loss"]}
-    for name, metrics in results["strategies"].items():
-        flat.update({f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    return flat
-
-
-def samples_table(results: dict):
+def samples_table(results: EvalResult):
     """W&B table: key, source, reference, then one hypothesis column per strategy."""
     import wandb
 
-    names = list(results["strategies"])
-    rows = [[s["key"], s["source"], s["reference"], *(s[n] for n in names)] for s in results["samples"]]
+    names = list(results.strategies)
+    rows = [[s["key"], s["source"], s["reference"], *(s[n] for n in names)] for s in results.samples]
     return wandb.Table(columns=["key", "source", "reference", *names], data=rows)
 
 
-def metrics_table(results: dict):
+def metrics_table(results: EvalResult):
     """W&B table: one row per strategy, one column per metric."""
     import wandb
 
-    names = list(results["strategies"])
-    columns = list(next(iter(results["strategies"].values())))
-    rows = [[n, *(results["strategies"][n][c] for c in columns)] for n in names]
+    names = list(results.strategies)
+    columns = list(next(iter(results.strategies.values())))
+    rows = [[n, *(results.strategies[n][c] for c in columns)] for n in names]
     return wandb.Table(columns=["strategy", *columns], data=rows)
