@@ -54,17 +54,22 @@ def decoding_for(overrides: Any, default: DecodingConfig) -> DecodingConfig:
             raise RequestError(f"decoding.{key}: unknown key (known: {', '.join(_FIELDS)})")
         expected = _TYPES[key]
         allowed = typing.get_args(expected) or (expected,)
-        ok = any(value is None if t is type(None) else
-                 (isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
-                  isinstance(value, t) and not (t is int and isinstance(value, bool)))
-                 for t in allowed)
-        if not ok:
-            raise RequestError(f"decoding.{key}: expected {' or '.join(getattr(t, '__name__', str(t)) for t in allowed)},"
-                               f" got {json.dumps(value)}")
+        if not any(_matches(value, t) for t in allowed):
+            names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+            raise RequestError(f"decoding.{key}: expected {names}, got {json.dumps(value)}")
     try:
         return DecodingConfig(**{**dataclasses.asdict(default), **overrides})
     except ValueError as err:
         raise RequestError(" ".join(str(err).split())) from None
+
+
+def _matches(value: Any, t: type) -> bool:
+    """Whether a JSON value fits a DecodingConfig field type (an int fits float; a bool fits only bool)."""
+    if t is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return t is bool
+    return isinstance(value, (int, float)) if t is float else isinstance(value, t)
 
 
 def parse_request(body: Any, default: DecodingConfig) -> tuple[list[str], bool, DecodingConfig]:

@@ -18,7 +18,8 @@ from trainers.package import Lineage, write_package
 ctranslate2 = pytest.importorskip("ctranslate2")
 
 VARIANTS = [dict(norm_first=True, positions="sinusoidal"), dict(norm_first=True, positions="learned"),
-            dict(norm_first=False, positions="sinusoidal"), dict(norm_first=False, positions="learned", activation="relu")]
+            dict(norm_first=False, positions="sinusoidal"),
+            dict(norm_first=False, positions="learned", activation="relu")]
 IDS = ["pre-sinusoidal", "pre-learned", "post-sinusoidal", "post-learned-relu"]
 MAX_LEN = 12
 

@@ -1,0 +1,113 @@
+"""Decoding speed by engine: HF BART generate() fp32, our decoder fp32, and our
+model through CTranslate2 (trainers.engines) in float32 and int8.
+
+Same shape as decode_vs_hf.py: d_model 256, 3+3 layers, 4 heads, FFN 1024,
+vocab 8000, random weights, 32 sources of 40 tokens, exactly 40 generated
+tokens per hypothesis (min_len = max_len = 40; HF: min_new_tokens =
+max_new_tokens = 40), greedy and beam 5, length_penalty 1.0, CPU, one process.
+The runners are timed alternately, round by round.  The CTranslate2 columns go
+through the engine API (`load_engine(package, engine="ctranslate2",
+compute_type=...)`): the model is converted once (not timed), and each decode
+includes the engine's rescoring pass (`score_batch`) that appends the forced
+eos and makes the scores our sum of log-probs.  The last column, for
+reference, is CTranslate2 int8 alone: `translate_batch` with
+min_decoding_length = max_decoding_length = 40 (40 tokens, no eos, its own
+renormalised scores), i.e. what the engine costs without the rescoring pass.
+
+    python benchmarks/decode_engines.py --threads 2 --iters 3 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from decode_vs_hf import (BEAM, GEN_LEN, LENGTH_PENALTY, N_SRC, SRC_LEN, benchmark, build_hf, build_ours,
+                          make_sources, run_hf)
+from trainers.decoding import DecodingConfig
+from trainers.engines import TorchEngine, load_engine
+from trainers.package import Lineage, write_package
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=3, help="timed runs per engine and strategy")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of every engine (torch and CTranslate2)")
+    return p.parse_args()
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A word-level tokenizer with the specials and vocab_size - 4 words (the package needs one)."""
+    from tokenizers import Tokenizer, models
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)} | {f"w{i}": i for i in range(4, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.save(str(path))
+    return path
+
+
+def run_engine(engine, sources: list[list[int]], beam: int) -> int:
+    """Decode; returns the number of generated tokens of the best hypotheses."""
+    cfg = DecodingConfig(strategy="greedy" if beam == 1 else "beam", beam_size=beam, n_best=1,
+                         max_len=GEN_LEN, min_len=GEN_LEN, length_penalty=LENGTH_PENALTY)
+    hyps = engine.decode(sources, cfg)
+    assert all(len(h[0].tokens) == GEN_LEN for h in hyps)
+    return sum(len(h[0].tokens) for h in hyps)
+
+
+def run_ct2_raw(engine, tokens: list[list[str]], beam: int) -> int:
+    """translate_batch alone: exactly GEN_LEN tokens per hypothesis, no rescoring."""
+    results = engine.translator.translate_batch(tokens, beam_size=beam, length_penalty=LENGTH_PENALTY,
+                                                min_decoding_length=GEN_LEN, max_decoding_length=GEN_LEN,
+                                                max_input_length=0, suppress_sequences=[["<pad>"], ["<s>"]])
+    assert all(len(r.hypotheses[0]) == GEN_LEN for r in results)
+    return sum(len(r.hypotheses[0]) for r in results)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    src, lengths = make_sources()
+    sources = [row[:n] for row, n in zip(src.tolist(), lengths.tolist())]
+    ours, hf = build_ours("transformer"), build_hf()
+    with tempfile.TemporaryDirectory() as tmp:
+        package = write_package(Path(tmp) / "model", ours, lineage=Lineage(),
+                                tokenizer=write_tokenizer(Path(tmp) / "tokenizer.json", ours.config.vocab_size))
+        start = time.perf_counter()
+        engines = {"ours fp32": TorchEngine(ours),
+                   "ct2 fp32": load_engine(package, engine="ctranslate2", compute_type="float32", threads=args.threads),
+                   "ct2 int8": load_engine(package, engine="ctranslate2", compute_type="int8", threads=args.threads)}
+        convert_s = time.perf_counter() - start
+        print(f"torch {torch.__version__}, threads={args.threads}, CPU; {N_SRC} sources x {SRC_LEN} tokens, "
+              f"exactly {GEN_LEN} generated tokens, warmup {args.warmup}, iters {args.iters} (best of iters); "
+              f"CTranslate2 conversions {convert_s:.1f}s (not timed)")
+        rows = []
+        for beam in (1, BEAM):
+            runners = {"hf fp32": lambda: run_hf(hf, src, lengths, beam)}
+            runners |= {name: (lambda e=e: run_engine(e, sources, beam)) for name, e in engines.items()}
+            int8 = engines["ct2 int8"]
+            runners["ct2 int8 raw"] = lambda: run_ct2_raw(int8, [[int8.vocab[i] for i in s] for s in sources], beam)
+            rate, _ = benchmark(runners, args.warmup, args.iters)
+            rows.append((beam, rate))
+    names = ["hf fp32", "ours fp32", "ct2 fp32", "ct2 int8"]
+    print(f"{'strategy':<9}" + "".join(f" {n + ' tok/s':>15}" for n in names) + f" {'ct2 int8 / hf fp32':>19}"
+          + f" {'ct2 int8 raw tok/s':>19} {'raw / hf':>9}")
+    for beam, rate in rows:
+        name = "greedy" if beam == 1 else f"beam {beam}"
+        print(f"{name:<9}" + "".join(f" {rate[n]:>15.0f}" for n in names)
+              + f" {rate['ct2 int8'] / rate['hf fp32']:>18.2f}x"
+              + f" {rate['ct2 int8 raw']:>19.0f} {rate['ct2 int8 raw'] / rate['hf fp32']:>8.2f}x")
+    print("tokens/s = generated tokens of the best hypothesis per source / best wall time of the runs "
+          "(target: ct2 int8 >= 3x hf fp32 on 2 cores); raw = translate_batch alone, without the engine's "
+          "forced-eos rescoring pass")
+
+
+if __name__ == "__main__":
+    main()
