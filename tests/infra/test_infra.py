@@ -222,6 +222,63 @@ def test_broken_kuberay_objects_are_rejected():
         _validate_pod_template("typo", typo)
 
 
+
+def _containers(template: dict) -> list[dict]:
+    return template["spec"].get("initContainers", []) + template["spec"]["containers"]
+
+
+@pytest.mark.parametrize("name,doc", _kuberay_objects(), ids=lambda v: v if isinstance(v, str) else "")
+def test_kuberay_pods_are_hardened(name, doc):
+    """Least privilege: RuntimeDefault seccomp, no capabilities, no Ray Client port, the Ray token as a
+    read-only mounted file (never an env var), no API token in worker or submitter pods, and the head
+    on its own service account (the autoscaler's Role)."""
+    for where, template in _pod_templates(doc).items():
+        spec = template["spec"]
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        token_mounts = {v["name"] for v in spec.get("volumes", [])
+                        if v.get("secret", {}).get("secretName") == "seqfoundry-ray-token"}
+        for c in _containers(template):
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], (where, c["name"])
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert 10001 not in [p["containerPort"] for p in c.get("ports", [])], (where, "Ray Client port")
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert "RAY_AUTH_TOKEN" not in env, (where, "the token must not be an env var")
+            token_dir = env["RAY_AUTH_TOKEN_PATH"]["value"].rsplit("/", 1)[0]
+            mount = next(m for m in c["volumeMounts"] if m["mountPath"] == token_dir)
+            assert mount["name"] in token_mounts and mount["readOnly"] is True, (where, mount)
+        if where == "headGroupSpec":
+            assert spec["serviceAccountName"] == "seqfoundry-head", where
+        else:
+            assert spec["automountServiceAccountToken"] is False, where
+            assert spec.get("serviceAccountName") != "seqfoundry-head", where
+    autoscaler = doc["spec"].get("rayClusterSpec", doc["spec"])["autoscalerOptions"]["securityContext"]
+    assert autoscaler["capabilities"]["drop"] == ["ALL"] and autoscaler["allowPrivilegeEscalation"] is False
+
+
+def test_the_head_account_holds_the_autoscaler_role_and_nothing_more():
+    import kubernetes_validate
+
+    docs = _yaml_docs(INFRA / "k8s" / "access.example.yaml")
+    rbac = [d for d in docs if d["apiVersion"] == "rbac.authorization.k8s.io/v1"]
+    for doc in rbac:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    role = next(d for d in rbac if d["kind"] == "Role")
+    binding = next(d for d in rbac if d["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert [s["name"] for s in binding["subjects"]] == ["seqfoundry-head"]
+    grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+              for v in rule["verbs"]}
+    assert ("ray.io", "rayclusters", "patch") in grants and ("", "pods", "list") in grants
+    assert not {v for _, _, v in grants} & {"create", "delete", "*", "escalate", "bind", "impersonate"}
+    assert not {r for _, r, _ in grants} - {"pods", "rayclusters"}
+
+
+def test_aws_workers_get_a_bucket_only_instance_profile():
+    config = yaml.safe_load((INFRA / "ray" / "aws.yaml").read_text())
+    profile = {name: t["node_config"]["IamInstanceProfile"]["Arn"] for name, t in config["available_node_types"].items()}
+    head = profile.pop(config["head_node_type"])
+    assert profile and all(arn != head and arn.endswith("/seqfoundry-ray-worker") for arn in profile.values())
+
 # --- Slurm --------------------------------------------------------------------------------------
 
 def test_slurm_script_is_bash_and_shellcheck_clean():
