@@ -13,18 +13,23 @@ The Jobs API address: `--address`, else RAY_API_SERVER_ADDRESS, else
 RAY_ADDRESS, else http://127.0.0.1:8265. A cluster with Ray's token
 authentication gets `Authorization: Bearer <token>`, the token found where Ray
 looks for it: RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or
-~/.ray/auth_token (RAY_AUTH_MODE=disabled sends none).
+~/.ray/auth_token (RAY_AUTH_MODE=disabled sends none). The token is sent only
+over HTTPS or to a loopback address (an SSH tunnel, `kubectl port-forward`);
+plain HTTP to another host needs `--allow-insecure` or
+SEQFOUNDRY_ALLOW_INSECURE=1, since anyone on the path could read it there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import shlex
 import sys
 import time
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Iterator
 
@@ -37,8 +42,12 @@ Only a source checkout is uploaded; from a non-editable install the job runs the
 EXCLUDES = (
     ".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", "wandb",
     "/data", "/runs", "/outputs", "*.tar", "*.safetensors",
+    ".env", ".env.*", "*.pem", "*.key", "auth_token", "*.token", "*_token", "*_api_key",
 )
-"""Never uploaded (gitignore syntax, relative to the project folder): prepared data, run folders, environments."""
+"""Never uploaded (gitignore syntax, relative to the project folder): prepared data, run folders, environments,
+and secrets (.env files, keys and certificates, token files such as a copy of ~/.seqfoundry/cluster)."""
+ALLOW_INSECURE_ENV = "SEQFOUNDRY_ALLOW_INSECURE"
+"""=1: send the token over plain HTTP to a non-loopback address (as --allow-insecure)."""
 PATH_KEYS = ("data.dir", "run.dir", "cluster.storage_path", "pretrained", "eval.package", "generate.package")
 """Config keys naming files the job reads or writes; relative values would land in the job's temporary copy."""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -54,6 +63,10 @@ def add_address_argument(parser: argparse.ArgumentParser, default: object = None
     parser.add_argument("--address", metavar="URL", default=default,
                         help="Ray Jobs API (the dashboard) of the cluster, e.g. http://head:8265; default: "
                              f"$RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else {DEFAULT_ADDRESS}")
+    parser.add_argument("--allow-insecure", action="store_true",
+                        default=False if default is None else argparse.SUPPRESS,
+                        help="send the Ray token over plain HTTP to a non-loopback address (readable by anyone "
+                             f"on the path; prefer https:// or a tunnel); also ${ALLOW_INSECURE_ENV}=1")
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +107,7 @@ def _submit(args: argparse.Namespace) -> int:
     jobs = check_job(job_args)
     warn_relative_paths(jobs)
     address = resolve_address(args.address)
-    with jobs_client(address) as client:
+    with jobs_client(address, allow_insecure=_allow_insecure(args)) as client:
         job_id = client.submit_job(entrypoint=entrypoint(job_args), runtime_env=runtime_env(jobs))
         print(job_id, flush=True)
         if args.no_wait:
@@ -203,7 +216,7 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    with jobs_client(resolve_address(args.address)) as client:
+    with jobs_client(resolve_address(args.address), allow_insecure=_allow_insecure(args)) as client:
         if args.action == "list":
             print_job_table(client.list_jobs())
         elif args.action == "status":
@@ -257,16 +270,44 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True).strip()}"}
 
 
+def _allow_insecure(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "allow_insecure", False)) or os.environ.get(ALLOW_INSECURE_ENV, "") == "1"
+
+
+def check_transport(address: str, headers: dict[str, str], *, allow_insecure: bool) -> None:
+    """JobsError before anything is sent when a token would travel over plain HTTP to another host."""
+    if not headers.get("Authorization") or allow_insecure:
+        return
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.scheme == "https" or _is_loopback(parts.hostname or ""):
+        return
+    raise JobsError(f"refusing to send the Ray token over plain HTTP to {parts.hostname} (anyone on the path "
+                    "could read it): use an https:// address, or a tunnel to 127.0.0.1 (ssh -L, kubectl "
+                    f"port-forward); or pass --allow-insecure (or set {ALLOW_INSECURE_ENV}=1) on a network "
+                    "you trust")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @contextmanager
-def jobs_client(address: str) -> Iterator:
+def jobs_client(address: str, *, allow_insecure: bool = False) -> Iterator:
     """A JobSubmissionClient for `address`; Ray's failures become one-line JobsError messages."""
     import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    headers = auth_headers()
+    check_transport(address, headers, allow_insecure=allow_insecure)
     try:
         with _env_without("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # Ray would let them override `address`
-            client = JobSubmissionClient(address, headers=auth_headers())
+            client = JobSubmissionClient(address, headers=headers)
         yield client
     except AuthenticationError as err:
         raise JobsError(f"{address} refused the token ({_first_line(err)}): set RAY_AUTH_TOKEN to the "

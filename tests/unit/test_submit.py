@@ -37,6 +37,9 @@ class FakeClient:
     def get_job_status(self, job_id):
         return self.final_status
 
+    def list_jobs(self):
+        return []
+
 
 @pytest.fixture
 def fake_client(monkeypatch):
@@ -161,3 +164,54 @@ def test_unreachable_cluster_is_one_line_exit_1(capsys, monkeypatch):
     assert main(["jobs", "--address", "http://127.0.0.1:1", "status", "raysubmit_x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("seqfoundry jobs: error: cannot reach") and "127.0.0.1:1" in err[0]
+
+
+def test_excludes_keep_secrets_out_of_the_upload():
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(ROOT, list(jobs.EXCLUDES))
+    for path in (".env", ".env.production", "deploy/.env", "certs/server.pem", "certs/server.key", "auth_token",
+                 ".seqfoundry/cluster/auth_token", "cluster/wandb_api_key", "my.token", "ray_token"):
+        assert excluded(ROOT / path), path
+    for path in ("orchestrator/jobs.py", "data_pipeline/tokenizer.py", "conf/config.yaml", "docs/storage.md"):
+        assert not excluded(ROOT / path), path
+
+
+@pytest.fixture
+def with_token(fake_client, monkeypatch):
+    monkeypatch.setattr(jobs, "auth_headers", lambda: {"Authorization": "Bearer s3cret"})
+    monkeypatch.delenv("SEQFOUNDRY_ALLOW_INSECURE", raising=False)
+    return fake_client
+
+
+DEMO_JOB = ["--", "demo", "demo.steps=1", "run.dir=/abs/run", "data.dir=/abs/data"]
+
+
+def test_the_token_is_never_sent_over_plain_http_to_another_host(with_token, capsys):
+    assert main(["submit", "--no-wait", "--address", "http://head:8265", *DEMO_JOB]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plain HTTP to head" in err[0] and "--allow-insecure" in err[0], err
+    assert "s3cret" not in err[0]
+    for address in ("http://head:8265", "head:8265", "http://10.0.0.5:8265", "ray://head:10001"):
+        assert main(["jobs", "--address", address, "list"]) == 1, address
+    assert with_token.made == []  # no client was even made, so nothing was sent
+
+
+@pytest.mark.parametrize("address", ["https://head:8265", "http://127.0.0.1:8265", "http://localhost:8265",
+                                     "http://[::1]:8265", "127.0.0.2:8265"])
+def test_https_or_loopback_carries_the_token(with_token, address):
+    assert main(["jobs", "--address", address, "list"]) == 0
+    assert with_token.made[0].headers == {"Authorization": "Bearer s3cret"}
+
+
+def test_plain_http_with_a_token_only_when_asked(with_token, monkeypatch):
+    assert main(["submit", "--no-wait", "--allow-insecure", "--address", "http://head:8265", *DEMO_JOB]) == 0
+    assert main(["jobs", "--allow-insecure", "--address", "http://head:8265", "list"]) == 0
+    assert main(["jobs", "--address", "http://head:8265", "list", "--allow-insecure"]) == 0
+    monkeypatch.setenv("SEQFOUNDRY_ALLOW_INSECURE", "1")
+    assert main(["jobs", "--address", "http://head:8265", "list"]) == 0
+    assert len(with_token.made) == 4
+
+
+def test_no_token_no_check(fake_client):
+    assert main(["jobs", "--address", "http://head:8265", "list"]) == 0
