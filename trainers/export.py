@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import latest_tag
+from .checkpoint import latest_tag, weights_only_loads
 from .models import ModelConfig, build_model
 from .package import Lineage, PackageError, write_package
 
@@ -27,23 +27,28 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str | None = None) 
     if list((folder / tag).glob("*optim_states.pt")) and _zero_stage(folder / tag) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        with weights_only_loads():  # DeepSpeed's loader passes weights_only=False; a checkpoint runs no code
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
         # ZeRO-1 keeps frozen parameters (trainer.freeze) out of its fp32 partitions and out of the
         # frozen-parameter record DeepSpeed writes for ZeRO 2-3; the module states (ZeRO 1-2 only:
         # ZeRO-3 writes per-rank partitions) hold them whole.
         module_file = folder / tag / "mp_rank_00_model_states.pt"
         if module_file.is_file():
-            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            module = _load_states(module_file)["module"]
             state.update({k: v for k, v in module.items() if k not in state and v.numel()})
     else:
-        state = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
+        state = _load_states(folder / tag / "mp_rank_00_model_states.pt")["module"]
     return {k: v.float() for k, v in state.items()}
 
 
+def _load_states(path: Path) -> dict:
+    """A DeepSpeed model-states file, unpickled with weights_only=True (tensors and plain data only)."""
+    with weights_only_loads():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _zero_stage(tag_dir: Path) -> int:
-    states = torch.load(next(tag_dir.glob("*mp_rank_00_model_states.pt")), map_location="cpu",
-                        weights_only=False)
+    states = _load_states(next(tag_dir.glob("*mp_rank_00_model_states.pt")))
     return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
 
 
