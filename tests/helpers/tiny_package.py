@@ -3,6 +3,7 @@ word-level tokenizer, for the export / engine / serving tests (no training)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -71,10 +72,13 @@ def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return src, lengths
 
 
+@functools.lru_cache(maxsize=None)
 def trained_tiny_model(seed: int = 0, *, steps: int = 60, **overrides) -> Seq2SeqModel:
     """`tiny_model` trained briefly to copy random word sequences (target = source), so that
     its hypotheses end with eos by themselves, about as long as the source, while its
-    distributions stay far from one-hot (the copy is not learned perfectly)."""
+    distributions stay far from one-hot (the copy is not learned perfectly).
+
+    Cached for the test session: callers must not modify the model."""
     model = tiny_model(seed, eos_scale=1.0, **overrides).train()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed + 100)
