@@ -129,14 +129,15 @@ def read_state(path: Path) -> TrainState:
 
 
 def deepspeed_safe_globals() -> list:
-    """The classes DeepSpeed 0.19 pickles into its checkpoint files (seen saving ZeRO 0-3 on the CPU):
-    the loss scaler and ZeRO stage of the optimizer states, and ZeRO 1-2's fragment addresses.
-    Plain data: unpickling them runs no code of the file's choosing."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """The classes DeepSpeed 0.19 pickles into its checkpoint files (seen saving ZeRO 0-3 in fp32 on the
+    CPU): the loss scaler and ZeRO stage of the optimizer states, and ZeRO 1-2's fragment addresses;
+    plus fp16's dynamic loss scaler (the same object under fp16, not exercised on the CPU). Plain data:
+    unpickling them runs no code of the file's choosing. Anything else fails, naming the global."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 @contextlib.contextmanager
