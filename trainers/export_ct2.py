@@ -184,7 +184,8 @@ def ct2_model_for(package_dir: str | Path, compute_type: str = "float32") -> Pat
     converted again otherwise.  The weights are stored quantized to the compute
     type (int8 for int8 and int8_float32), so loading does not convert again.
     """
-    check_compute_type(compute_type)
+    if compute_type not in COMPUTE_TYPES:  # the device's support is checked where the model is loaded
+        raise ValueError(f"compute_type: must be one of {COMPUTE_TYPES}, got {compute_type!r}")
     check_exportable(read_model_config(package_dir))
     weights_sha = sha256_file(local_copy(as_path(package_dir) / WEIGHTS))
     for folder in _candidate_folders(package_dir, compute_type, weights_sha):
