@@ -30,6 +30,9 @@ class TrackingConfig:
     """W&B group tying runs together (a pipeline or a sweep sets it)."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
+    upload_models: bool = False
+    """Upload a local model package's files into its W&B model artifact; false = the artifact references the
+    package where it lies (a file:// URI or the bucket URL), which is all a bucket package ever gets."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("offline", "online", "auto", "disabled"):
@@ -85,6 +88,27 @@ def init_resumable(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str
             time.sleep(2.0)
 
 
+def alert(title: str, text: str, *, level: str = "WARN", online: bool) -> None:
+    """`ALERT [level] title: text` on stdout, and `wandb.alert` on the current run when online."""
+    sys.stdout.write(f"ALERT [{level}] {title}: {text}\n")
+    sys.stdout.flush()
+    if online:
+        import wandb
+
+        wandb.alert(title=title, text=text, level=getattr(wandb.AlertLevel, level))
+
+
+def alert_run(cfg: TrackingConfig, *, run_dir: Path, run_id: str, title: str, text: str) -> None:
+    """Alert on a run from outside its workers (the driver, after Ray Train gave up on it)."""
+    online = cfg.resolved_mode() == "online"
+    run = open_wandb(cfg, run_dir=run_dir, run_id=run_id, name=None, job_type="alert") if online else None
+    try:
+        alert(title, text, level="ERROR", online=online)
+    finally:
+        if run is not None:
+            run.finish()
+
+
 @dataclass(frozen=True)
 class TrackerSpec:
     """Picklable recipe for rank 0's Tracker (W&B + metrics.jsonl), made inside the worker."""
@@ -113,7 +137,8 @@ class Tracker:
         self._truncate_after(resume_from_step)
         self._t0 = time.time()
         self.wandb = None
-        if cfg.resolved_mode() != "disabled":
+        self.mode = cfg.resolved_mode()
+        if self.mode != "disabled":
             self.wandb = init_resumable(cfg, run_dir=self.run_dir, run_id=run_id, name=name, config=config,
                                         job_type=job_type)
             if getattr(self.wandb, "url", None):  # online: say where to watch it (sys.stdout: see loop.console)
@@ -139,6 +164,17 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb is not None:
             self.wandb.summary.update(values)
+
+    def table(self, step: int, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A W&B table at `step` (offline: stored in the run's files, synced with it)."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def alert(self, title: str, text: str, *, level: str = "WARN") -> None:
+        """A console line always; `wandb.alert` (email/Slack per the user's W&B settings) when online."""
+        alert(title, text, level=level, online=self.wandb is not None and self.mode == "online")
 
     def finish(self) -> None:
         if self.wandb is not None:

@@ -1,10 +1,9 @@
-"""`seqfoundry pretrain` / `finetune` / `export`: preflight → Ray Train
+"""`seqfoundry pretrain` / `finetune`: preflight → Ray Train
 (`TorchTrainer` × DeepSpeed) → model package.
 
     seqfoundry pretrain experiment=tiny data.dir=data/tiny run.dir=runs/p1
     seqfoundry pretrain ... resume=true              # continue after the driver died
     seqfoundry finetune pretrained=runs/p1/model data.dir=data/tiny run.dir=runs/f1
-    seqfoundry export run.dir=runs/p1 [export.tag=step_00000100] [export.out=...]
     seqfoundry pretrain data.dir=s3://bucket/data run.dir=s3://bucket/runs/p1   # object storage
 
 `run.dir`, `cluster.storage_path`, `data.dir` and `pretrained` may be
@@ -14,18 +13,16 @@ run's files are written in a local mirror and uploaded (trainers.run_folder).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
-from trainers.package import read_model_config
-
+from .artifacts import log_run_package
 from .cluster import ray_session
-from .config import ConfigError, JobConfig, load_job_config
+from .config import JobConfig
 from .driver import failure_summary, fit, write_package
 from .evaluation.during_training import checkpoint_evaluation, plan_checkpoint_evaluation
-from .preflight import load_manifest, open_folder, preflight_training, storage_of, train_spec
-from .runs import CONFIG, RUN_INFO, Run, RunInfo, config_container
+from .preflight import preflight_training, train_spec
+from .tracking import alert_run
 
 
 def run_pretrain(job: JobConfig) -> int:
@@ -49,35 +46,10 @@ def train(job: JobConfig, *, kind: str) -> int:
             raise
         print(f"seqfoundry {kind}: error: training failed after {spec.trainer.max_failures} restarts: "
               f"{failure_summary(err)} (checkpoints kept in {run.checkpoints.location})", file=sys.stderr)
+        alert_run(spec.tracking, run_dir=run.local, run_id=run.wandb_run_id, title="run failed",
+                  text=f"{run.name}: {failure_summary(err)}")
         return 1
     package = write_package(run)
+    log_run_package(spec.tracking, run, package)
     print(f"{kind}: done in {time.perf_counter() - t0:.0f}s; model package {package}")
     return 0
-
-
-def run_export(job: JobConfig) -> int:
-    """Write the model package of any checkpoint of the run in `run.dir` (local or object storage)."""
-    run = saved_run(job.run.dir)
-    checkpoint = run.checkpoints.get(job.export.tag) if job.export.tag else run.checkpoints.latest()
-    if checkpoint is None:
-        raise ConfigError(f"run.dir: no checkpoint under {run.checkpoints.location}")
-    if not checkpoint.is_dir():
-        raise ConfigError(f"export.tag: {checkpoint} not found")
-    print(f"export: {write_package(run, checkpoint=checkpoint, out=job.export.out or None)}")
-    return 0
-
-
-def saved_run(run_dir: str) -> Run:
-    """The Run of an existing training run folder, from its config.yaml and run.json."""
-    folder = open_folder(run_dir)
-    folder.local.mkdir(parents=True, exist_ok=True)
-    folder.pull(RUN_INFO, CONFIG)
-    info_path, config_path = folder.local / RUN_INFO, folder.local / CONFIG
-    if not info_path.is_file() or not config_path.is_file():
-        raise ConfigError(f"run.dir: {folder.location} is not a training run folder (no {RUN_INFO}/{CONFIG})")
-    saved, info = load_job_config(config_path), RunInfo.load(info_path)
-    model = read_model_config(saved.pretrained) if saved.pretrained else saved.model
-    return Run(kind=info.mode, folder=folder, manifest=load_manifest(saved.data.dir),
-               model=dataclasses.replace(model, dropout=saved.model.dropout), storage_path=storage_of(saved, folder),
-               pretrained=saved.pretrained, config=config_container(saved), config_sha256=info.config_sha256,
-               wandb_run_id=info.wandb_run_id, resumed=True)

@@ -67,6 +67,16 @@ class TrainerConfig:
     """Validation loss and perplexity every this many steps (0 = only at the end)."""
     val_batches: int = 20
     """Validation batches per evaluation."""
+    val_samples: int = 8
+    """Fixed validation sources decoded greedily at each validation: a W&B table (source, reference, output,
+    step) and two of them on the console (0 = off). Every rank decodes the same sources (ZeRO-3: from a
+    gathered copy of the weights), rank 0 logs them."""
+    val_metric_samples: int = 0
+    """Fixed validation sources decoded greedily at each validation to report `val_bleu` and `val_chrf`
+    (sacreBLEU); 0 = off. A sweep ranked on val_bleu/val_chrf sets it from `sweep.metric_samples`."""
+    stall_alert_s: float = 1800.0
+    """Alert (console line, and wandb.alert when online) when no optimizer step completes for this many
+    seconds (a watchdog thread on rank 0); 0 = off."""
     max_failures: int = 2
     """Times Ray Train restarts the worker group after a worker dies."""
     freeze: str = "none"
@@ -90,6 +100,9 @@ class TrainerConfig:
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
             raise ValueError("trainer.placement_strategy: must be PACK, SPREAD or STRICT_SPREAD, "
                              f"got {self.placement_strategy!r}")
+        if self.val_samples < 0 or self.val_metric_samples < 0 or self.stall_alert_s < 0:
+            raise ValueError("trainer.val_samples/val_metric_samples/stall_alert_s: must be >= 0, got "
+                             f"{self.val_samples}, {self.val_metric_samples}, {self.stall_alert_s}")
         if self.freeze not in FREEZE:
             raise ValueError(f"trainer.freeze: must be one of {', '.join(FREEZE)}, got {self.freeze!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -34,6 +34,8 @@ from .models import ModelConfig, Seq2SeqModel, build_model
 from .package import load_package
 from .run_folder import RunFolder
 from .throughput import StepTimer, device_peak_flops
+from .val_samples import SampleRow, ValidationSamples, scores
+from .watchdog import StallWatchdog
 
 
 @dataclass
@@ -104,6 +106,8 @@ class Worker:
         self.state = ckpt.TrainState(wandb_run_id=job.wandb_run_id, config_sha256=job.config_sha256,
                                      world_size=world_size)
         self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=job.peak_flops)
+        self.samples = ValidationSamples.load(job.data, job.objective, seed=self.cfg.seed,
+                                              count=max(self.cfg.val_samples, self.cfg.val_metric_samples))
         if checkpoint:
             self.restore(checkpoint)
 
@@ -163,6 +167,14 @@ class Worker:
         self.sink.open(step=self.state.step, summary={
             "parameters": self.num_parameters, "world_size": self.world_size, "precision": self.precision,
             "peak_flops": self.peak, "frozen_parameters": self.num_frozen})
+        try:
+            self.train_to_max_steps()
+        except Exception as err:  # rank 0 alerts; Ray Train then restarts the group or gives up
+            self.sink.failed(err)
+            raise
+        self.sink.close()
+
+    def train_to_max_steps(self) -> None:
         batches = self.batches()
         timer, window = StepTimer(), Window()
         start_step, t_start = self.state.step, time.perf_counter()
@@ -171,9 +183,9 @@ class Worker:
             self.state.step += 1
             window.add(loss, tokens)
             self.after_step(timer, window, start_step, t_start)
+            self.sink.step_done()
         self.validate_and_log()
         self.save_checkpoint(final=True)
-        self.sink.close()
 
     def train_step(self, batches: Iterator[Batch], timer: StepTimer) -> tuple[float, int]:
         """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
@@ -247,11 +259,23 @@ class Worker:
         import ray.train
 
         metrics = self.validate()
-        if metrics:
-            ray.train.report({"step": self.state.step, **metrics})
-        if metrics:
-            self.sink.log(self.state.step, metrics, line=f"step {self.state.step}: val_loss {metrics['val_loss']:.4f} "
-                                                         f"val_ppl {metrics['val_ppl']:.2f}")
+        if not metrics:
+            return
+        shown, scored = self.decode_samples()
+        metrics.update(scored)
+        ray.train.report({"step": self.state.step, **metrics})
+        line = " ".join(f"{k} {v:.4f}" if k == "val_loss" else f"{k} {v:.2f}" for k, v in metrics.items())
+        self.sink.log(self.state.step, metrics, line=f"step {self.state.step}: {line}")
+        self.sink.samples(self.state.step, shown)
+
+    def decode_samples(self) -> tuple[list[SampleRow], dict[str, float]]:
+        """Greedy outputs of the fixed validation sources (every rank, the same ones) and, with
+        `trainer.val_metric_samples`, their BLEU and chrF."""
+        if self.samples is None:
+            return [], {}
+        rows = self.samples.decode(self.model, zero_stage=self.job.deepspeed.zero_stage, model_cfg=self.job.model)
+        scored = rows[: self.cfg.val_metric_samples]
+        return rows[: self.cfg.val_samples], scores(scored) if scored else {}
 
     def validate(self) -> dict[str, float]:
         """Token-weighted loss on the `valid` split (this rank's share), reduced over ranks."""
@@ -316,15 +340,48 @@ class RunSink:
     def __init__(self, job: WorkerJob, folder: RunFolder):
         self.job, self.folder = job, folder
         self.tracker = None
+        self.watchdog: StallWatchdog | None = None
 
     def open(self, *, step: int, summary: dict[str, Any]) -> None:
         self.folder.pull(*RANK0_FILES)  # a resume on another machine continues the run's own files
         self.tracker = self.job.make_tracker(resume_from_step=step)
         self.tracker.summary(summary)
+        if self.job.trainer.stall_alert_s:
+            self.watchdog = StallWatchdog(self.job.trainer.stall_alert_s, self.stalled).start()
 
     def log(self, step: int, metrics: dict[str, Any], *, line: str) -> None:
         self.tracker.log(step, metrics)
         console(line)
+        bad = {k: v for k, v in metrics.items() if k in ("loss", "val_loss") and not math.isfinite(v)}
+        if bad:  # detection only: skipping or aborting bad steps is the trainer's (trainer.max_bad_steps)
+            self.tracker.alert("non-finite loss", f"{self.run_name()} step {step}: "
+                               + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+    def samples(self, step: int, rows: list[SampleRow]) -> None:
+        """The validation samples: a W&B table (source, reference, output, step) and two on the console."""
+        if not rows:
+            return
+        self.tracker.table(step, "val_samples", ["source", "reference", "output", "step"],
+                           [[r.source, r.reference, r.output, step] for r in rows])
+        for r in rows[:2]:
+            console(f"step {step} sample: {r.source[:80]!r} -> {r.output[:80]!r} (reference {r.reference[:80]!r})")
+
+    def step_done(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat()
+
+    def stalled(self, seconds: float) -> None:
+        self.tracker.alert("training stalled", f"{self.run_name()}: no optimizer step completed for "
+                           f"{seconds:.0f}s (trainer.stall_alert_s={self.job.trainer.stall_alert_s:g})")
+
+    def failed(self, err: BaseException) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        text = " ".join(f"{type(err).__name__}: {err}".split())[:500]
+        self.tracker.alert("run failed", f"{self.run_name()}: {text}", level="ERROR")
+
+    def run_name(self) -> str:
+        return self.job.run_dir.rstrip("/").rsplit("/", 1)[-1]
 
     def workers(self, ranks: list[dict]) -> None:
         (self.folder.local / "workers.json").write_text(json.dumps(ranks, indent=2) + "\n")
@@ -340,6 +397,8 @@ class RunSink:
             self.job.on_checkpoint(step=step, path=f"{self.job.checkpoint_root}/{tag}")
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.tracker.finish()
         self.folder.push(*RANK0_FILES)
 
@@ -351,6 +410,9 @@ class NullSink:
 
     def open(self, *, step: int, summary: dict[str, Any]) -> None: ...
     def log(self, step: int, metrics: dict[str, Any], *, line: str) -> None: ...
+    def samples(self, step: int, rows: list[SampleRow]) -> None: ...
+    def step_done(self) -> None: ...
+    def failed(self, err: BaseException) -> None: ...
     def workers(self, ranks: list[dict]) -> None: ...
     def convert_universal(self, checkpoint: str, name: str) -> None: ...
     def checkpoint_saved(self, *, step: int, tag: str) -> None: ...

@@ -5,11 +5,12 @@ Online, each stage's W&B run `use_artifact`s its inputs and `log_artifact`s
 its output, so W&B draws the graph.  Offline (the default), W&B cannot use
 artifacts, so each logged artifact carries its parents in its metadata and
 `wandb sync` uploads them; `pipeline.json` is the complete record either way.
+The W&B side is `orchestrator.artifacts.log_artifact`, which every command that
+writes a model package also uses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,8 @@ from typing import Any
 
 from trainers.package import sha256_file
 
-from ..tracking import TrackingConfig, open_wandb
+from ..artifacts import ArtifactSpec, group_digest, log_artifact
+from ..tracking import TrackingConfig
 
 
 @dataclass
@@ -80,27 +82,20 @@ class LineageGraph:
 
 
 def log_to_wandb(tracking: TrackingConfig, lineage: LineageGraph, record: ArtifactRecord, *, run_dir: Path) -> None:
-    """Log `record` as a W&B artifact from its producing run (resumed by id), using its parents online."""
-    mode = tracking.resolved_mode()
-    if mode == "disabled":
-        return
-    import wandb
+    """Log `record` as a W&B artifact from its producing run (resumed by id), linked to its parents
+    (`orchestrator.artifacts`, the one artifact logger)."""
+    parents = [lineage.records[name] for name in record.parents]
+    run_id = log_artifact(tracking, as_spec(lineage, record), inputs=[as_spec(lineage, p) for p in parents],
+                          run_dir=run_dir, run_id=record.wandb_run_id, job_type=f"lineage-{record.name}",
+                          group=lineage.group, upload=False)
+    record.wandb_run_id = record.wandb_run_id or run_id
 
-    run = open_wandb(tracking, run_dir=run_dir, run_id=record.wandb_run_id, name=None,
-                     job_type=f"lineage-{record.name}", group=lineage.group)
-    artifact = wandb.Artifact(artifact_name(lineage.group, record.name), type=record.type,
-                              metadata={"sha256": record.sha256, "path": record.path, "parents": record.parents,
-                                        **record.metadata})
-    artifact.add_reference(Path(record.path).resolve().as_uri(), checksum=False)
-    if mode == "online":
-        for parent in record.parents:
-            run.use_artifact(f"{artifact_name(lineage.group, parent)}:latest")
-    run.log_artifact(artifact)
-    record.wandb_run_id = record.wandb_run_id or run.id
-    run.finish()
+
+def as_spec(lineage: LineageGraph, record: ArtifactRecord) -> ArtifactSpec:
+    return ArtifactSpec(artifact_name(lineage.group, record.name), record.type, record.path,
+                        {"sha256": record.sha256, "parents": record.parents, **record.metadata})
 
 
 def artifact_name(group: str, name: str) -> str:
     """W&B artifact names: letters, digits, dashes, underscores and dots."""
-    digest = hashlib.sha256(group.encode()).hexdigest()[:8]
-    return f"{name}-{digest}"
+    return f"{name}-{group_digest(group)}"
