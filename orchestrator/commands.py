@@ -28,6 +28,10 @@ class Command:
     """Overrides applied before the user's (which win)."""
     aliases: tuple[tuple[str, str], ...] = ()
     """(short, key) pairs: `short=value` is read as `key=value` (e.g. report's run=<folder>)."""
+    list_aliases: tuple[tuple[str, str], ...] = ()
+    """(short, key) pairs: `short=a,b` (a comma, no brackets) is read as `key=[a,b]` (report run=a,b)."""
+    positional: str = ""
+    """Key set by a first word without `=` (`seqfoundry runs list` sets runs.action=list)."""
     arguments: str = ""
     """`module:function(parser)` adding the command's own argparse arguments. Set for commands that take
     no Hydra overrides (`submit`, `jobs`); their runner then takes the argparse Namespace."""
@@ -59,8 +63,12 @@ CONFIG_COMMANDS: dict[str, Command] = {
                 "ASHA early stopping; sweep_results.json", "orchestrator.sweep.command:run", defaults=("objective=pairs",)),
         Command("pipeline", "prepare -> pretrain -> sweep -> evaluate the best trial, with a lineage record",
                 "orchestrator.pipeline.command:run", defaults=("experiment=demo",)),
-        Command("report", "PNG plots of a run, sweep, evaluation or pipeline folder (report run=<folder>)",
-                "orchestrator.report:run", multirun=False, aliases=(("run", "run.dir"),)),
+        Command("report", "PNG plots of a run, sweep, evaluation or pipeline folder (report run=<folder>); "
+                "report run=a,b overlays runs' curves", "orchestrator.report:run", multirun=False,
+                aliases=(("run", "run.dir"),), list_aliases=(("run", "runs.dirs"),)),
+        Command("runs", "runs list [runs.root=runs]: one row per run folder; runs compare 'runs.dirs=[a,b]': "
+                "differing config keys and final metrics side by side", "orchestrator.run_table:run",
+                multirun=False, positional="runs.action"),
         Command("export", "write the model package of a checkpoint of the run in run.dir",
                 "orchestrator.train:run_export", multirun=False),
         Command("evaluate", "decode a paired dataset with greedy/beam/sampling: BLEU, chrF, exact match, "
@@ -106,11 +114,21 @@ def _keys_epilog() -> str:
 
 def with_defaults(cmd: Command, overrides: list[str]) -> list[str]:
     """The command's own defaults, unless the user overrides the same key."""
+    if cmd.positional and overrides and "=" not in overrides[0]:
+        overrides = [f"{cmd.positional}={overrides[0]}", *overrides[1:]]
+    overrides = [_as_list(o, dict(cmd.list_aliases)) for o in overrides]
     aliases = dict(cmd.aliases)
     overrides = [aliases[o.split("=", 1)[0]] + "=" + o.split("=", 1)[1] if "=" in o and o.split("=", 1)[0] in aliases
                  else o for o in overrides]
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return [d for d in cmd.defaults if d.split("=", 1)[0] not in given] + list(overrides)
+
+
+def _as_list(override: str, list_aliases: dict[str, str]) -> str:
+    key, _, value = override.partition("=")
+    if key in list_aliases and "," in value and not value.startswith(("[", "'", '"')):
+        return f"{list_aliases[key]}=[{value}]"
+    return override
 
 
 def expand_multirun(overrides: list[str]) -> list[list[str]]:

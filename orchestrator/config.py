@@ -26,6 +26,7 @@ from trainers.models import ModelConfig
 from .conf_dir import CONF_DIR
 from .evaluation.config import EvalConfig
 from .pipeline.config import PipelineConfig
+from .runs import RunsConfig
 from .sweep.config import SweepConfig
 from .tracking import TrackingConfig
 
@@ -149,6 +150,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    runs: RunsConfig = field(default_factory=RunsConfig)
     resume: bool = False
     """Continue the run in `run.dir` from its last checkpoint (after the driver died)."""
     pretrained: str = ""

@@ -4,6 +4,9 @@ Works on a training run folder (metrics.jsonl), a sweep folder
 (sweep_results.json + trial run folders), an evaluation folder
 (eval_results.json) or a pipeline folder (all of them below it).  Writes
 `<folder>/report/*.png` and prints their paths.
+
+    seqfoundry report run=runs/p1,runs/p2     # overlay: one PNG per metric, a curve per run,
+                                              # in <their common parent>/report/overlay_<metric>.png
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from pathlib import Path
 from .config import ConfigError, JobConfig, require_local
 
 
+OVERLAID = ("loss", "val_loss", "val_bleu", "val_chrf", "lr", "tokens_per_s", "mfu", "grad_norm")
+"""Metrics `report run=a,b` overlays (those that at least one of the runs logged)."""
+
+
 def run(job: JobConfig) -> int:
+    if job.runs.dirs:
+        return overlay(job.runs.dirs)
     require_local("run", job.run.dir, "report")
     folder = Path(job.run.dir)
     if not folder.is_dir():
@@ -115,6 +124,46 @@ def plot_strategies(path: Path, target: Path) -> Path:
         ax.set_title(metric)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle("decoding strategies")
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
+
+
+def overlay(dirs: list[str]) -> int:
+    """One PNG per metric with a curve per run (`report run=a,b`)."""
+    folders = [Path(d) for d in dirs]
+    for d in dirs:
+        require_local("run", d, "report")
+    missing = [str(f) for f in folders if not (f / "metrics.jsonl").is_file()]
+    if missing:
+        raise ConfigError(f"run: {', '.join(missing)} holds no metrics.jsonl")
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(os.path.commonpath([str(f.resolve()) for f in folders])) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {f: read_jsonl(f / "metrics.jsonl") for f in folders}
+    for metric in OVERLAID:
+        if any(metric in r for runs in rows.values() for r in runs):
+            print(plot_overlay(metric, rows, out / f"overlay_{metric}.png"))
+    return 0
+
+
+def plot_overlay(metric: str, rows: dict[Path, list[dict]], target: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for folder, runs in rows.items():
+        points = [(r["step"], r[metric]) for r in runs if metric in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=folder.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(target, dpi=100)
     plt.close(fig)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ class Evaluator:
     def evaluate(self) -> EvalResult:
         """Every strategy's metrics, teacher-forced perplexity, and the decoded outputs."""
         t0 = time.perf_counter()
-        runs = {name: self.decode_all(cfg) for name, cfg in self.spec.strategies.items()}
+        runs = {name: self.decode_all(cfg, name=name) for name, cfg in self.spec.strategies.items()}
         texts = {name: [detokenize(self.tokenizer, h.tokens) for h in best] for name, (best, _) in runs.items()}
         strategies, signatures = {}, {}
         for name, cfg in self.spec.strategies.items():
@@ -172,14 +173,16 @@ class Evaluator:
                      for o in outputs[: self.spec.eval.num_examples]],
             outputs=outputs, elapsed_s=time.perf_counter() - t0)
 
-    def decode_all(self, cfg: DecodingConfig) -> tuple[list[Hypothesis], list[float]]:
+    def decode_all(self, cfg: DecodingConfig, *, name: str = "") -> tuple[list[Hypothesis], list[float]]:
         """Best hypothesis of every source (dataset order) and the seconds of each decode call.
 
         Sources are decoded in batches of similar length (outputs do not depend on batching).
+        A progress bar (sources decoded) goes to stderr when it is a terminal, as `prepare`'s does.
         """
         order = sorted(range(len(self.pairs)), key=lambda i: len(self.pairs.src[i]))
         best: list[Hypothesis | None] = [None] * len(order)
         seconds = []
+        bar = progress_bar(len(order), desc=f"evaluate {name or cfg.strategy}")
         for chunk in _chunks(order, self.spec.eval.batch_size):
             src, lengths = self.pad([self.pairs.src[i] for i in chunk])
             t0 = time.perf_counter()
@@ -187,6 +190,8 @@ class Evaluator:
             seconds.append(time.perf_counter() - t0)
             for i, h in zip(chunk, hyps):
                 best[i] = h[0]
+            bar.update(len(chunk))
+        bar.close()
         return best, seconds
 
     def greedy_twin(self, cfg: DecodingConfig, runs: dict) -> list[Hypothesis]:
@@ -221,6 +226,17 @@ class Evaluator:
         for row, ids in zip(out, rows):
             row[: len(ids)] = torch.tensor(ids)
         return out.to(self.device), lengths.to(self.device)
+
+
+def progress_bar(total: int, *, desc: str):
+    """Sources decoded: Ray's tqdm inside an actor (the driver draws it), else tqdm on stderr (a terminal)."""
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        return ray_tqdm(total=total, desc=desc, unit="src")
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="src", desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True, leave=False)
 
 
 def _limits(cfg: DecodingConfig) -> tuple:
