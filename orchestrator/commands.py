@@ -69,13 +69,17 @@ CONFIG_COMMANDS: dict[str, Command] = {
         Command("runs", "runs list [runs.root=runs]: one row per run folder; runs compare 'runs.dirs=[a,b]': "
                 "differing config keys and final metrics side by side", "orchestrator.run_table:run",
                 multirun=False, positional="runs.action"),
-        Command("export", "write the model package of a checkpoint of the run in run.dir",
-                "orchestrator.train:run_export", multirun=False),
+        Command("export", "write the model package of a checkpoint of the run in run.dir, or convert a package to "
+                "Hugging Face (export.format=hf) or CTranslate2 (export.format=ctranslate2)",
+                "orchestrator.export:run", multirun=False),
         Command("evaluate", "decode a paired dataset with greedy/beam/sampling: BLEU, chrF, exact match, "
                 "perplexity, speed (package=<model package>)", "orchestrator.evaluation.command:run",
                 defaults=("data.dir=@package",), aliases=(("package", "eval.package"),)),
         Command("generate", "decode lines from stdin or generate.input with any strategy (package=<model package>)",
                 "orchestrator.generate:run", multirun=False, aliases=(("package", "generate.package"),)),
+        Command("serve", "serve a model package over HTTP with Ray Serve: JSON in, hypotheses out, dynamic batching, "
+                "torch or CTranslate2 engine (package=<model package>)", "orchestrator.serve.command:run_job",
+                multirun=False, aliases=(("package", "serve.package"),)),
     )
 }
 

@@ -21,11 +21,14 @@ from data_pipeline.config import DataConfig, ObjectiveConfig
 from data_pipeline.storage import is_remote
 from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from trainers.decoding import DecodingConfig
+from trainers.engines import check_engine_keys
+from trainers.export_ct2 import COMPUTE_TYPES
 from trainers.models import ModelConfig
 
 from .conf_dir import CONF_DIR
 from .evaluation.config import EvalConfig
 from .pipeline.config import PipelineConfig
+from .serve.config import ServeConfig
 from .runs import RunsConfig
 from .sweep.config import SweepConfig
 from .tracking import TrackingConfig
@@ -69,10 +72,34 @@ class ClusterConfig:
 
 @dataclass
 class ExportConfig:
+    format: str = "package"
+    """`package` (a checkpoint of run.dir -> a seqfoundry model package), `hf` (a folder that
+    `transformers.AutoModelForSeq2SeqLM.from_pretrained` loads) or `ctranslate2` (a CTranslate2 model)."""
+    package: str = ""
+    """hf/ctranslate2: the model package to convert; empty = the run's package (<run.dir>/model, or the
+    checkpoint `tag` consolidated first)."""
     tag: str = ""
     """Checkpoint to export (`step_00000100`, a folder under <run.dir>/checkpoints); empty = the latest."""
     out: str = ""
-    """Package folder to write; empty = <run.dir>/model."""
+    """Folder to write; empty = <run.dir>/model (package), <package>-hf or <package>-ctranslate2."""
+    average_last: int = 1
+    """package: average the weights of the last N checkpoints (up to `tag`) into the package; 1 = no averaging."""
+    quantization: str = ""
+    """ctranslate2: weight type stored in the model (`int8`, `int8_float32`, `bfloat16`); empty = float32."""
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"export.format: must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.average_last < 1:
+            raise ValueError(f"export.average_last: must be >= 1, got {self.average_last}")
+        if self.quantization and self.format != "ctranslate2":
+            raise ValueError("export.quantization: only export.format=ctranslate2 stores quantized weights")
+        if self.quantization not in ("", *COMPUTE_TYPES):
+            raise ValueError(f"export.quantization: must be one of {', '.join(COMPUTE_TYPES)} or empty, "
+                             f"got {self.quantization!r}")
+        if self.package and self.format == "package":
+            raise ValueError("export.package: is what export.format=hf or ctranslate2 converts; "
+                             "export.format=package exports a checkpoint of run.dir")
 
 
 @dataclass
@@ -102,6 +129,7 @@ class DemoConfig:
                 raise ValueError(f"demo.{key}: must be >= 1, got {getattr(self, key)}")
 
 
+EXPORT_FORMATS = ("package", "hf", "ctranslate2")
 GENERATE_FORMATS = ("text", "jsonl")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -120,8 +148,13 @@ class GenerateConfig:
     """Source lines decoded together (the outputs do not depend on it)."""
     device: str = "auto"
     """`auto` (a GPU when there is one), `cpu` or `cuda`."""
+    engine: str = "torch"
+    """`torch` (our decoder) or `ctranslate2` (the package converted once, cached beside it; Transformers only)."""
+    compute_type: str = "float32"
+    """`float32`; with engine=ctranslate2 also `int8`, `int8_float32`, `bfloat16` (where the device has it)."""
 
     def __post_init__(self) -> None:
+        check_engine_keys(self.engine, self.compute_type, key="generate")
         if self.format not in GENERATE_FORMATS:
             raise ValueError(f"generate.format: must be text or jsonl, got {self.format!r}")
         if self.batch_size < 1:
@@ -149,6 +182,7 @@ class JobConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     runs: RunsConfig = field(default_factory=RunsConfig)
     resume: bool = False

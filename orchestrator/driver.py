@@ -81,8 +81,10 @@ def failure_summary(err: BaseException | str) -> str:
     return (errors or lines or [type(err).__name__])[-1][:300]
 
 
-def write_package(run: Run, *, checkpoint: Path | None = None, out: str | Path | None = None) -> str:
-    """Consolidate a checkpoint (default: the latest) into `<run.dir>/model` or `out` (uploaded when remote)."""
+def write_package(run: Run, *, checkpoint: Path | None = None, out: str | Path | None = None,
+                  average: list[Path] = ()) -> str:
+    """Consolidate a checkpoint (default: the latest) into `<run.dir>/model` or `out` (uploaded when remote);
+    with `average`, the mean of its weights and those of these other checkpoints."""
     checkpoint = checkpoint or run.checkpoints.latest()
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint under {run.checkpoints.location}")
@@ -90,6 +92,6 @@ def write_package(run: Run, *, checkpoint: Path | None = None, out: str | Path |
     tag = next(p.name for p in local.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
     target = RunFolder.of(out) if out else RunFolder(run.folder.where("model"))
     export_package(local, target.local, model_cfg=run.model, tokenizer=run.manifest.local_tokenizer_path(),
-                   lineage=run.lineage(step_of(tag)), tag=tag)
+                   lineage=run.lineage(step_of(tag)), tag=tag, average=[local_copy(p) for p in average])
     target.push_all()
     return target.location

@@ -5,8 +5,11 @@ one decoded output per line out, with any decoding strategy, in batches.
     seqfoundry generate package=runs/p1/model decoding=beam decoding.beam_size=4 decoding.n_best=2 \
         generate.format=jsonl generate.input=sources.txt generate.output=out.jsonl
     seqfoundry generate package=runs/p1/model decoding=sample decoding.top_p=0.8 decoding.seed=3
+    seqfoundry generate package=runs/p1/model generate.engine=ctranslate2 generate.compute_type=int8
 
-Runs in this process (no Ray): a pipe should not wait for a cluster.  Only
+Runs in this process (no Ray): a pipe should not wait for a cluster.  With
+`generate.engine=ctranslate2` the package is converted once and cached beside
+it (docs/serving.md).  Only
 outputs go to standard output; notes go to standard error.
 """
 
@@ -22,9 +25,10 @@ from typing import IO, Iterator
 import torch
 
 from data_pipeline import EOS_ID, detokenize, load_tokenizer, tokenize
-from trainers.decoding import DecodingConfig, Hypothesis, decode
-from trainers.models import Seq2SeqModel
-from trainers.package import TOKENIZER, load_package
+from data_pipeline.storage import local_copy
+from trainers.decoding import DecodingConfig, Hypothesis
+from trainers.engines import Engine, load_engine
+from trainers.package import TOKENIZER
 
 from .config import ConfigError, JobConfig
 from .preflight import check_package
@@ -35,11 +39,13 @@ def run(job: JobConfig) -> int:
     package = check_package(g.package, key="generate.package")
     if g.input not in ("", "-") and not Path(g.input).is_file():
         raise ConfigError(f"generate.input: {g.input} not found")
-    device = torch.device("cuda" if g.device == "cuda" or (g.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    model = load_package(package).to(device)
-    tokenizer = load_tokenizer(package / TOKENIZER)
-    generator = Generator(model, tokenizer, job.decoding, device=device)
+    device = "cuda" if g.device == "cuda" or (g.device == "auto" and torch.cuda.is_available()) else "cpu"
+    try:
+        engine = load_engine(package, engine=g.engine, compute_type=g.compute_type, device=device, key="generate")
+        engine.check(job.decoding)
+    except ValueError as err:  # an engine the device or the architecture cannot run, a decoding it cannot express
+        raise ConfigError(str(err)) from None
+    generator = Generator(engine, load_tokenizer(local_copy(package / TOKENIZER)), job.decoding)
     with _open(g.input, "r", sys.stdin) as source, _open(g.output, "w", sys.stdout) as sink:
         for lines in _batches(source, g.batch_size):
             for line, hyps in zip(lines, generator(lines)):
@@ -51,11 +57,11 @@ def run(job: JobConfig) -> int:
 
 
 class Generator:
-    """Text in, hypotheses out (best first), for one model and one decoding config."""
+    """Text in, hypotheses out (best first), for one engine and one decoding config."""
 
-    def __init__(self, model: Seq2SeqModel, tokenizer, cfg: DecodingConfig, *, device: torch.device):
-        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
-        self.max_source_len = model.max_positions or 2**31
+    def __init__(self, engine: Engine, tokenizer, cfg: DecodingConfig):
+        self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
+        self.max_source_len = engine.max_positions or 2**31
         self.truncated = 0
 
     def __call__(self, lines: list[str]) -> list[list[Hypothesis]]:
@@ -64,11 +70,7 @@ class Generator:
             ids = tokenize(self.tokenizer, line)
             self.truncated += len(ids) + 1 > self.max_source_len
             rows.append(ids[: self.max_source_len - 1] + [EOS_ID])
-        lengths = torch.tensor([len(r) for r in rows])
-        src = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # (B, S), pad 0
-        for row, ids in zip(src, rows):
-            row[: len(ids)] = torch.tensor(ids)
-        return decode(self.model, src.to(self.device), lengths.to(self.device), self.cfg)
+        return self.engine.decode(rows, self.cfg)
 
     def text(self, hyp: Hypothesis) -> str:
         return detokenize(self.tokenizer, hyp.tokens)

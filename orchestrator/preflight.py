@@ -20,9 +20,9 @@ from trainers.package import PackageError, check_compatible, read_model_config
 from trainers.run_folder import RunFolder
 
 from .cluster import local_cpus
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobConfig, load_job_config
 from .driver import TrainSpec
-from .runs import CheckpointRoot, Run, config_container, config_sha256, saved_run_id
+from .runs import CONFIG, RUN_INFO, CheckpointRoot, Run, RunInfo, config_container, config_sha256, saved_run_id
 from .tracking import new_run_id
 
 KINDS = ("pretrain", "finetune")
@@ -166,10 +166,26 @@ def check_resources(job: JobConfig) -> None:
                               f"has {torch.cuda.device_count()}")
 
 
+def saved_run(run_dir: str) -> Run:
+    """The Run of an existing training run folder, from its config.yaml and run.json."""
+    folder = open_folder(run_dir)
+    folder.local.mkdir(parents=True, exist_ok=True)
+    folder.pull(RUN_INFO, CONFIG)
+    info_path, config_path = folder.local / RUN_INFO, folder.local / CONFIG
+    if not info_path.is_file() or not config_path.is_file():
+        raise ConfigError(f"run.dir: {folder.location} is not a training run folder (no {RUN_INFO}/{CONFIG})")
+    saved, info = load_job_config(config_path), RunInfo.load(info_path)
+    model = read_model_config(saved.pretrained) if saved.pretrained else saved.model
+    return Run(kind=info.mode, folder=folder, manifest=load_manifest(saved.data.dir),
+               model=dataclasses.replace(model, dropout=saved.model.dropout), storage_path=storage_of(saved, folder),
+               pretrained=saved.pretrained, config=config_container(saved), config_sha256=info.config_sha256,
+               wandb_run_id=info.wandb_run_id, resumed=True)
+
+
 def storage_of(saved: JobConfig, folder: RunFolder) -> str:
     """Where a saved run's checkpoints are: its `cluster.storage_path`, else its run folder."""
     return url(saved.cluster.storage_path) if saved.cluster.storage_path else folder.location
 
 
-__all__ = ["preflight_training", "check_training_config", "train_spec", "open_folder",
+__all__ = ["preflight_training", "saved_run", "check_training_config", "train_spec", "open_folder",
            "load_manifest", "check_package", "package_model", "check_pairs", "check_resources", "storage_of"]

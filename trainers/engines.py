@@ -11,17 +11,18 @@ the model's log-probabilities of the tokens under the full softmax (eos
 included), `normalized_score` = score / len ** length_penalty.
 
 How `DecodingConfig` maps onto `ctranslate2.Translator.translate_batch`
-(every key is honoured; none is silently changed):
+(what cannot be honoured is refused in one line, never silently changed):
 
     strategy greedy      beam_size=1, sampling_topk=1
     strategy beam        beam_size, length_penalty, num_hypotheses=beam_size (re-ranked, cut to n_best)
-    strategy sample      beam_size=1, sampling_topk=top_k (0 = all), sampling_topp=top_p,
-                         sampling_temperature=temperature, num_hypotheses=num_samples
+    strategy sample      refused: CTranslate2 seeds its sampler once per worker thread, so
+                         `seed` could not make draws reproducible per source and independent of
+                         batching (DESIGN.md); sample with the torch engine
     max_len, max_len_a/b each source's limit L = cfg.length_limit(src_len), capped at
                          model.max_positions; sources are grouped by L
-    min_len              min_decoding_length = min_len - 1
+    min_len              min_decoding_length = min_len - 1 (greedy); beam with min_len > 1 is
+                         refused (eos is masked before CTranslate2's softmax: other rankings)
     no_repeat_ngram_size no_repeat_ngram_size
-    seed                 ctranslate2.set_random_seed(seed) before sampling (see below)
 
 Length limit.  Ours allows only eos at the L-th token; CTranslate2 instead
 stops with whatever token the L-th is.  So CTranslate2 decodes at most L - 1
@@ -53,12 +54,6 @@ What can still differ from the torch engine (documented, not hidden):
   in our tests except where the limit cuts hypotheses short).
 * CTranslate2 ranks candidates step by step with the renormalised
   log-probs above; this matters only where pad/bos carry visible probability.
-* Sampling: CTranslate2's generator is one per worker thread, seeded once
-  when that thread first samples, so `decoding.seed` seeds it only the first
-  time (`set_random_seed(seed)` before every sampling call): draws come from
-  the same distribution as ours (same top-k -> temperature -> top-p order,
-  scores = the model's log-probs), but they are not reproducible per source,
-  nor independent of batching, nor the torch engine's samples.
 * `no_repeat_ngram_size`: ours lifts the ban on a row that would otherwise
   have no allowed token; CTranslate2 does not (practically never reached).
 """
@@ -74,7 +69,7 @@ import torch
 
 from .decoding import DecodingConfig, Hypothesis, decode
 from .decoding.hypothesis import best_first, make_hypothesis
-from .export_ct2 import MARKER, check_compute_type, ct2_model_for, vocabulary
+from .export_ct2 import COMPUTE_TYPES, MARKER, check_compute_type, ct2_model_for, vocabulary
 from .models import BOS_ID, EOS_ID, PAD_ID, Seq2SeqModel
 from .package import TOKENIZER, load_package
 
@@ -91,14 +86,26 @@ class Engine(Protocol):
         """For each source (ids ending with eos), its hypotheses best first."""
         ...
 
+    def check(self, cfg: DecodingConfig) -> None:
+        """Refuse (one-line ValueError naming the `decoding.` key) a config this engine cannot express."""
+        ...
 
-def check_engine(engine: str, compute_type: str, *, key: str = "generate", device: str = "cpu") -> None:
-    """Refuse (one-line ValueError naming `<key>.engine` / `<key>.compute_type`) an engine setting."""
+
+def check_engine_keys(engine: str, compute_type: str, *, key: str) -> None:
+    """The checks a config slice can make alone (no device, no library): one-line ValueError naming the key."""
     if engine not in ENGINES:
         raise ValueError(f"{key}.engine: must be one of {ENGINES}, got {engine!r}")
+    if compute_type not in COMPUTE_TYPES:
+        raise ValueError(f"{key}.compute_type: must be one of {COMPUTE_TYPES}, got {compute_type!r}")
     if engine == "torch" and compute_type != "float32":
         raise ValueError(f"{key}.compute_type: the torch engine decodes in float32 only, got {compute_type!r} "
                          f"(use {key}.engine=ctranslate2)")
+
+
+def check_engine(engine: str, compute_type: str, *, key: str = "generate", device: str = "cpu") -> None:
+    """Refuse (one-line ValueError naming `<key>.engine` / `<key>.compute_type`) an engine setting,
+    including a compute type the device lacks."""
+    check_engine_keys(engine, compute_type, key=key)
     if engine == "ctranslate2":
         check_compute_type(compute_type, device, key=f"{key}.compute_type")
 
@@ -136,7 +143,10 @@ class TorchEngine:
 
     def __init__(self, model: Seq2SeqModel, *, device: str = "cpu"):
         self.model, self.device = model.eval(), torch.device(device)
-        self.max_positions = model.config.max_positions if model.config.arch == "transformer" else None
+        self.max_positions = model.max_positions
+
+    def check(self, cfg: DecodingConfig) -> None:
+        """Our decoder expresses every DecodingConfig."""
 
     def decode(self, sources: Sequence[Sequence[int]], cfg: DecodingConfig) -> list[list[Hypothesis]]:
         if not sources:
@@ -180,6 +190,9 @@ class CTranslate2Engine:
         self.translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type,
                                                  intra_threads=threads)
 
+    def check(self, cfg: DecodingConfig) -> None:
+        translate_options(cfg, self.vocab)
+
     def decode(self, sources: Sequence[Sequence[int]], cfg: DecodingConfig) -> list[list[Hypothesis]]:
         options = translate_options(cfg, self.vocab)
         for s in sources:
@@ -209,10 +222,6 @@ class CTranslate2Engine:
         else:
             options = dict(options, max_decoding_length=limit - 1,
                            min_decoding_length=min(max(cfg.min_len - 1, 0), limit - 1))
-            if cfg.strategy == "sample":
-                import ctranslate2
-
-                ctranslate2.set_random_seed(cfg.seed)  # seeds only worker threads that have not sampled yet
             drafts = [r.hypotheses for r in self.translator.translate_batch(batch, **options)]
         return self._rescored(batch, drafts, cfg)
 
@@ -247,14 +256,14 @@ def translate_options(cfg: DecodingConfig, vocab: list[str]) -> dict:
     if cfg.strategy == "greedy":
         return dict(options, beam_size=1, sampling_topk=1)
     if cfg.strategy == "beam":
+        if cfg.min_len > 1:
+            raise ValueError(f"decoding.min_len: {cfg.min_len} with beam search on CTranslate2 ranks hypotheses by "
+                             "log-probs renormalised without eos (not ours); use min_len<=1 or engine=torch")
         return dict(options, beam_size=cfg.beam_size, num_hypotheses=cfg.beam_size,
                     length_penalty=cfg.length_penalty, patience=float(cfg.max_len) if cfg.length_penalty else 1.0)
-    top_k = cfg.top_k if 0 < cfg.top_k < len(vocab) else 0  # CTranslate2: 0 = the whole vocabulary
-    if top_k == 1 and cfg.num_samples > 1:
-        raise ValueError("decoding.top_k: 1 with decoding.num_samples > 1 is not sampling for CTranslate2 "
-                         "(it returns one greedy hypothesis); use strategy=greedy")
-    return dict(options, beam_size=1, sampling_topk=top_k, sampling_topp=cfg.top_p,
-                sampling_temperature=cfg.temperature, num_hypotheses=cfg.num_samples)
+    raise ValueError("decoding.strategy: sample cannot keep its promise on CTranslate2 (its sampler is seeded once per "
+                     "thread, so decoding.seed would not make draws reproducible per source or independent of "
+                     "batching); sample with engine=torch")
 
 
 def _converted_model_config(model_dir: str | Path) -> dict:

@@ -31,7 +31,8 @@ import torch
 
 from data_pipeline import EOS_ID, Manifest, ShardStream, detokenize, load_tokenizer
 from data_pipeline.storage import as_path, local_copy
-from trainers.decoding import DecodingConfig, Hypothesis, decode
+from trainers.decoding import DecodingConfig, Hypothesis
+from trainers.engines import Engine, TorchEngine, load_engine
 from trainers.export import export_package
 from trainers.models import ModelConfig, build_model
 from trainers.package import TOKENIZER, Lineage, PackageError, load_package, sha256_file
@@ -41,6 +42,7 @@ from .config import EvalConfig
 from .metrics import perplexity, strategy_metrics
 from .result import EvalResult
 
+TORCH = ("torch", "float32")
 MAX_RESTARTS = 3
 """Times Ray restarts a dead evaluation actor (its constructor runs again)."""
 MAX_TASK_RETRIES = 3
@@ -73,6 +75,8 @@ class EvalSpec:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     wandb_run_id: str = ""
     """W&B run of checkpoint evaluations (kept across actor restarts)."""
+    engines: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Strategy name -> (engine, compute_type) it decodes with; a strategy not listed uses (torch, float32)."""
 
 
 # --- the paired dataset ----------------------------------------------------------------
@@ -131,6 +135,7 @@ class Evaluator:
             self.model = build_model(spec.model).eval().to(self.device)
         else:
             raise ValueError("EvalSpec: needs a package or a model config")
+        self._engines: dict[tuple[str, str], Engine] = {}  # converted packages (CTranslate2), loaded once
         self.pairs = load_pairs(spec, self.tokenizer)
         if not len(self.pairs):
             raise ValueError(f"eval.split: no pairs in split {spec.split!r} of {spec.data_dir}")
@@ -147,12 +152,13 @@ class Evaluator:
     def evaluate(self) -> EvalResult:
         """Every strategy's metrics, teacher-forced perplexity, and the decoded outputs."""
         t0 = time.perf_counter()
-        runs = {name: self.decode_all(cfg, name=name) for name, cfg in self.spec.strategies.items()}
+        runs = {name: self.decode_all(cfg, name=name, engine=self.engine_of(name))
+                for name, cfg in self.spec.strategies.items()}
         texts = {name: [detokenize(self.tokenizer, h.tokens) for h in best] for name, (best, _) in runs.items()}
         strategies, signatures = {}, {}
         for name, cfg in self.spec.strategies.items():
             best, seconds = runs[name]
-            greedy = self.greedy_twin(cfg, runs) if cfg.strategy == "beam" else None
+            greedy = self.greedy_twin(cfg, runs, engine=self.engine_of(name)) if cfg.strategy == "beam" else None
             strategies[name], signatures[name] = strategy_metrics(
                 texts[name], self.pairs.references, best, seconds, greedy=greedy, length_penalty=cfg.length_penalty)
         ppl = perplexity(*self.sum_logprob())
@@ -173,7 +179,20 @@ class Evaluator:
                      for o in outputs[: self.spec.eval.num_examples]],
             outputs=outputs, elapsed_s=time.perf_counter() - t0)
 
-    def decode_all(self, cfg: DecodingConfig, *, name: str = "") -> tuple[list[Hypothesis], list[float]]:
+    def engine_of(self, name: str) -> tuple[str, str]:
+        return self.spec.engines.get(name, TORCH)
+
+    def engine(self, key: tuple[str, str]) -> Engine:
+        """The engine of `key` = (engine, compute_type): the loaded model for torch, a converted package else."""
+        if key == TORCH:
+            return TorchEngine(self.model, device=str(self.device))
+        if key not in self._engines:
+            self._engines[key] = load_engine(self.spec.package, engine=key[0], compute_type=key[1],
+                                             device=self.device.type, key="eval")
+        return self._engines[key]
+
+    def decode_all(self, cfg: DecodingConfig, *, name: str = "",
+                   engine: tuple[str, str] = TORCH) -> tuple[list[Hypothesis], list[float]]:
         """Best hypothesis of every source (dataset order) and the seconds of each decode call.
 
         Sources are decoded in batches of similar length (outputs do not depend on batching).
@@ -183,10 +202,11 @@ class Evaluator:
         best: list[Hypothesis | None] = [None] * len(order)
         seconds = []
         bar = progress_bar(len(order), desc=f"evaluate {name or cfg.strategy}")
+        decoder = self.engine(engine)
         for chunk in _chunks(order, self.spec.eval.batch_size):
-            src, lengths = self.pad([self.pairs.src[i] for i in chunk])
+            sources = [self.pairs.src[i] for i in chunk]
             t0 = time.perf_counter()
-            hyps = decode(self.model, src, lengths, cfg)
+            hyps = decoder.decode(sources, cfg)
             seconds.append(time.perf_counter() - t0)
             for i, h in zip(chunk, hyps):
                 best[i] = h[0]
@@ -194,17 +214,18 @@ class Evaluator:
         bar.close()
         return best, seconds
 
-    def greedy_twin(self, cfg: DecodingConfig, runs: dict) -> list[Hypothesis]:
-        """Greedy outputs under beam config `cfg`'s limits: a listed greedy run's, or decoded now."""
+    def greedy_twin(self, cfg: DecodingConfig, runs: dict, *, engine: tuple[str, str] = TORCH
+                    ) -> list[Hypothesis]:
+        """Greedy outputs under beam config `cfg`'s limits and engine: a listed greedy run's, or decoded now."""
         twin = DecodingConfig(strategy="greedy", beam_size=1, n_best=1, max_len=cfg.max_len, max_len_a=cfg.max_len_a,
                               max_len_b=cfg.max_len_b, min_len=cfg.min_len,
                               no_repeat_ngram_size=cfg.no_repeat_ngram_size)
         for name, other in self.spec.strategies.items():
-            if other.strategy == "greedy" and _limits(other) == _limits(twin):
+            if other.strategy == "greedy" and _limits(other) == _limits(twin) and self.engine_of(name) == engine:
                 return runs[name][0]
-        key = f"_greedy_twin{_limits(twin)}"
+        key = f"_greedy_twin{_limits(twin)}{engine}"
         if key not in runs:
-            runs[key] = self.decode_all(twin)
+            runs[key] = self.decode_all(twin, engine=engine)
         return runs[key][0]
 
     def sum_logprob(self) -> tuple[float, int]:

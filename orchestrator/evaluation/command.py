@@ -28,7 +28,7 @@ from ..preflight import check_package, check_pairs, load_manifest, open_folder
 from ..runs import config_container, folder_name, write_config
 from ..tracking import TrackingConfig, new_run_id, open_wandb
 from .actor import EvalSpec, metrics_table, samples_table
-from .presets import strategy_configs
+from .presets import strategy_configs, strategy_engines
 from .result import EvalResult
 
 FROM_PACKAGE = "@package"
@@ -76,9 +76,30 @@ def plan_evaluation(job: JobConfig) -> EvalSpec:
     split = job.eval.split or "test"
     check_data(data_dir, split, package)
     source_len = job.data.batch.max_source_len
-    return EvalSpec(data_dir=data_dir, split=split, strategies=strategies(job), eval=job.eval, package=str(package),
+    configs = strategies(job)
+    engines = strategy_engines(list(configs), engine=job.eval.engine, compute_type=job.eval.compute_type)
+    check_engines(package, engines, configs, device="cuda" if job.eval.use_gpu else "cpu")
+    return EvalSpec(data_dir=data_dir, split=split, strategies=configs, eval=job.eval, package=str(package),
                     max_source_len=min(source_len, max_positions(read_model_config(package)) or source_len),
-                    verify=job.data.verify)
+                    verify=job.data.verify, engines=engines)
+
+
+def check_engines(package: Path, engines: dict[str, tuple[str, str]], configs: dict[str, DecodingConfig], *,
+                  device: str) -> None:
+    """Every strategy's engine can run this package and express its decoding config (ConfigError)."""
+    from trainers.engines import check_engine, translate_options
+    from trainers.export_ct2 import check_exportable, vocabulary
+
+    model = read_model_config(package)
+    for name, (engine, compute_type) in engines.items():
+        if engine == "torch":
+            continue
+        try:
+            check_engine(engine, compute_type, key="eval", device=device)
+            check_exportable(model)
+            translate_options(configs[name], vocabulary(local_copy(package / "tokenizer.json"), model.vocab_size))
+        except ValueError as err:
+            raise ConfigError(f"eval.strategies: {name!r}: {err}") from None
 
 
 def data_for(package: Path, data_dir: str) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .presets import strategy_configs
+from trainers.engines import check_engine_keys
+
+from .presets import strategy_configs, strategy_engines
 
 SPLITS = ("", "train", "valid", "test")
 
@@ -36,6 +38,11 @@ class EvalConfig:
     """CPUs reserved for the evaluation actor (during training: at most what the workers leave free)."""
     use_gpu: bool = False
     """Run the evaluation actor on one GPU."""
+    engine: str = "torch"
+    """Decoding engine of every strategy: `torch` (our decoder) or `ctranslate2` (the package converted once,
+    cached beside it). A strategy entry may name its own: 'eval.strategies=[greedy,greedy@ctranslate2/int8]'."""
+    compute_type: str = "float32"
+    """Precision of `eval.engine`: `float32`; with ctranslate2 also `int8`, `int8_float32`, `bfloat16`."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -48,3 +55,5 @@ class EvalConfig:
         if self.wait_s < 0 or self.num_cpus < 0:
             raise ValueError(f"eval.wait_s/num_cpus: must be >= 0, got {self.wait_s}, {self.num_cpus}")
         strategy_configs(list(self.strategies))  # ValueError naming eval.strategies
+        check_engine_keys(self.engine, self.compute_type, key="eval")
+        strategy_engines(list(self.strategies), engine=self.engine, compute_type=self.compute_type)

@@ -31,7 +31,7 @@ from ..driver import TrainSpec
 from ..runs import CheckpointRoot, Run
 from .actor import EvalSpec
 from .config import EvalConfig
-from .presets import strategy_configs
+from .presets import strategy_configs, strategy_engines
 
 DEFAULT_SPLIT = "valid"
 
@@ -70,6 +70,11 @@ def plan_checkpoint_evaluation(run: Run, spec: TrainSpec, cfg: EvalConfig, *,
         strategies = strategy_configs(list(cfg.strategies), decoding)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    engines = strategy_engines(list(strategies), engine=cfg.engine, compute_type=cfg.compute_type)
+    if any(engine != ("torch", "float32") for engine in engines.values()):
+        raise ConfigError("eval.engine: checkpoints are evaluated with the torch engine during training (a "
+                          "CTranslate2 conversion per checkpoint would cost more than it saves); evaluate the "
+                          "package with eval.engine=ctranslate2 afterwards")
     tracking = dataclasses.replace(spec.tracking, group=spec.tracking.group or f"train-{run.name}")
     spec = dataclasses.replace(spec, tracking=tracking)
     source_len = spec.data.batch.max_source_len

@@ -20,6 +20,8 @@ from .config import ServeConfig
 
 def check(serve_cfg: ServeConfig) -> None:
     """Everything that can be refused before any cluster resource is requested (one-line ValueError)."""
+    if not serve_cfg.package:
+        raise ValueError("serve.package: is required (seqfoundry serve package=<model package folder>)")
     try:
         cfg = read_model_config(serve_cfg.package)
     except PackageError as err:
@@ -27,6 +29,18 @@ def check(serve_cfg: ServeConfig) -> None:
     if serve_cfg.engine == "ctranslate2" and cfg.arch != "transformer":
         raise ValueError(f"serve.engine: ctranslate2 cannot run model.arch={cfg.arch!r} (use serve.engine=torch)")
     check_engine(serve_cfg.engine, serve_cfg.compute_type, key="serve")
+
+
+def run_job(job) -> int:
+    """The `seqfoundry serve` runner: the job's serve, cluster and decoding slices."""
+    from ..config import ConfigError
+
+    try:
+        check(job.serve)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    run(job.serve, job.cluster, job.decoding)
+    return 0
 
 
 def run(serve_cfg: ServeConfig, cluster_cfg, decoding: DecodingConfig) -> str:
@@ -44,7 +58,7 @@ def run(serve_cfg: ServeConfig, cluster_cfg, decoding: DecodingConfig) -> str:
         ct2_model_for(serve_cfg.package, serve_cfg.compute_type)
     from ray import serve
 
-    from orchestrator.cluster import ray_session
+    from ..cluster import ray_session
 
     from .app import build_app
 

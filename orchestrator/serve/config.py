@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from trainers.engines import ENGINES
-from trainers.export_ct2 import COMPUTE_TYPES
+from trainers.engines import check_engine_keys
 
 
 @dataclass
 class ServeConfig:
     package: str = ""
-    """Model package to serve: a folder or an object-storage URL (required)."""
+    """Model package to serve: a folder or an object-storage URL (required by `seqfoundry serve`)."""
     engine: str = "torch"
     """Decoding engine: `torch` (our decoder) or `ctranslate2` (the package converted once, cached beside it)."""
     compute_type: str = "float32"
@@ -39,12 +38,7 @@ class ServeConfig:
     """Keep the command running (and the endpoint up) until interrupted; false returns after deploying."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.package), "package", "is required (serve package=<model package folder>)")
-        _check(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
-        _check(self.compute_type in COMPUTE_TYPES, "compute_type",
-               f"must be one of {COMPUTE_TYPES}, got {self.compute_type!r}")
-        _check(self.engine == "ctranslate2" or self.compute_type == "float32", "compute_type",
-               f"the torch engine serves float32 only, got {self.compute_type!r} (use serve.engine=ctranslate2)")
+        check_engine_keys(self.engine, self.compute_type, key="serve")
         _check(self.replicas >= 1, "replicas", f"must be >= 1, got {self.replicas}")
         _check(self.max_batch_size >= 1, "max_batch_size", f"must be >= 1, got {self.max_batch_size}")
         _check(math.isfinite(self.batch_wait_ms) and self.batch_wait_ms >= 0, "batch_wait_ms",

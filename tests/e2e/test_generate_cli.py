@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import EOS_ID, encode, load_tokenizer
+from data_pipeline import EOS_ID, load_tokenizer, tokenize
 from trainers.package import load_package
 from tests.helpers.copy_task import copy_package
 
@@ -53,7 +53,7 @@ def test_generate_jsonl_beam_hypotheses_carry_model_scores(package, tmp_path):
         hyps = r["hypotheses"]
         assert len(hyps) == 2 and hyps[0]["normalized_score"] >= hyps[1]["normalized_score"]
         assert r["text"] == hyps[0]["text"] and hyps[0]["tokens"][-1] == EOS_ID
-        src = torch.tensor([encode(tok, r["source"]) + [EOS_ID]])
+        src = torch.tensor([tokenize(tok, r["source"]) + [EOS_ID]])
         tgt = torch.tensor([hyps[0]["tokens"]])
         with torch.no_grad():
             score = model.score(src, torch.tensor([src.size(1)]), tgt, torch.tensor([tgt.size(1)]))
@@ -66,7 +66,26 @@ def test_generate_sampling_is_seeded(package):
     assert first.returncode == 0 and first.stdout == second.stdout and len(first.stdout.splitlines()) == 4
 
 
+def test_generate_with_ctranslate2_float32_equals_the_torch_engine(package):
+    """The package is converted once (cached beside it) and decodes the same greedy and beam-5 tokens."""
+    stdin = "\n".join(LINES) + "\n"
+    for strategy in ("decoding=greedy", "decoding=beam"):
+        args = (f"package={package}", strategy, "decoding.beam_size=5", "decoding.max_len=16", "generate.format=jsonl")
+        torch_rows = generate(*args, stdin=stdin)
+        ct2_rows = generate(*args, "generate.engine=ctranslate2", stdin=stdin)
+        assert torch_rows.returncode == 0 and ct2_rows.returncode == 0, ct2_rows.stderr
+        ours = [json.loads(line) for line in torch_rows.stdout.splitlines()]
+        theirs = [json.loads(line) for line in ct2_rows.stdout.splitlines()]
+        assert [r["hypotheses"][0]["tokens"] for r in theirs] == [r["hypotheses"][0]["tokens"] for r in ours]
+        assert [r["hypotheses"][0]["score"] for r in theirs] == pytest.approx(
+            [r["hypotheses"][0]["score"] for r in ours], abs=1e-4)
+    assert (package / "ctranslate2-float32" / "model.bin").is_file()  # converted once, beside the package
+
+
 @pytest.mark.parametrize("args, key", [
+    (["generate.engine=ctranslate2", "decoding=sample"], "decoding.strategy"),
+    (["generate.compute_type=int8"], "generate.compute_type"),
+    (["generate.engine=onnx"], "generate.engine"),
     (["package=/no/such/package"], "generate.package"),
     ([], "generate.package"),
     (["generate.format=xml"], "generate.format"),

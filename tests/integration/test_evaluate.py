@@ -20,7 +20,7 @@ from orchestrator.cli import main
 from orchestrator.config import load_job_config
 from orchestrator.evaluation.config import EvalConfig
 from orchestrator.evaluation.actor import EvalSpec, EvaluationActor, Evaluator
-from orchestrator.evaluation.presets import strategy_configs
+from orchestrator.evaluation.presets import strategy_configs, strategy_engines
 from orchestrator.tracking import TrackingConfig
 from trainers.decoding import DecodingConfig
 from trainers.package import load_package, read_model_config
@@ -89,6 +89,21 @@ def test_actor_metrics_match_sacrebleu_and_the_model_on_a_copy_model(package):
     assert results.perplexity == pytest.approx(math.exp(loss), rel=1e-4) and results.perplexity < 1.5
 
 
+def test_one_table_compares_engines_on_the_same_package(package):
+    """`greedy@ctranslate2` (float32) decodes exactly our greedy tokens; the int8 row is reported beside them."""
+    torch.set_num_threads(1)
+    names = ["greedy", "greedy@ctranslate2", "greedy@ctranslate2/int8", "beam:length_penalty=0.0@ctranslate2"]
+    spec = EvalSpec(data_dir=str(package.parents[1] / "data"), split="test", eval=EvalConfig(max_samples=24),
+                    package=str(package), strategies=strategy_configs(names, DecodingConfig(max_len=16)),
+                    engines=strategy_engines(names))
+    results = Evaluator(spec).evaluate()
+    texts = {n: [o["outputs"][n]["text"] for o in results.outputs] for n in names}
+    assert texts["greedy@ctranslate2"] == texts["greedy"]
+    assert results.strategies["greedy@ctranslate2"]["bleu"] == pytest.approx(results.strategies["greedy"]["bleu"])
+    assert 0.0 <= results.strategies["greedy@ctranslate2/int8"]["bleu"] <= 100.0
+    assert results.strategies["beam:length_penalty=0.0@ctranslate2"]["search_error_rate"] is not None
+
+
 def test_search_errors_use_the_beam_objective_with_or_without_a_listed_greedy(package):
     common = dict(data_dir=str(package.parents[1] / "data"), split="valid", eval=EvalConfig(max_samples=12),
                   package=str(package))
@@ -152,6 +167,8 @@ def test_evaluate_cli_takes_data_split_and_strategy_overrides(package, tmp_path)
     (["package={package}", "data.dir=/no/such/data"], "data.dir"),
     (["package={package}", "eval.split=nope"], "eval.split"),
     (["package={package}", "'eval.strategies=[greedy,nucleus]'"], "eval.strategies"),
+    (["package={package}", "eval.engine=ctranslate2"], "eval.strategies: 'sample'"),  # CT2 cannot seed sampling
+    (["package={package}", "'eval.strategies=[greedy@onnx]'"], "eval.strategies"),
 ])
 def test_bad_evaluate_config_is_one_line_with_exit_2(args, key, package, tmp_path, capsys):
     args = [a.format(package=package).strip("'") for a in args]

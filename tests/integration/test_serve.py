@@ -105,10 +105,20 @@ def test_config_refuses_bad_values_before_any_cluster_work(tmp_path):
     from orchestrator.serve.command import check
 
     with pytest.raises(ValueError, match=r"^serve\.package: is required"):
-        ServeConfig()
-    with pytest.raises(ValueError, match=r"^serve\.compute_type: the torch engine serves float32 only"):
+        check(ServeConfig())
+    with pytest.raises(ValueError, match=r"^serve\.compute_type: the torch engine decodes in float32 only"):
         ServeConfig(package="p", compute_type="int8")
     with pytest.raises(ValueError, match=r"^serve\.replicas: must be >= 1"):
         ServeConfig(package="p", replicas=0)
     with pytest.raises(ValueError, match=r"^serve\.package: .*not found"):
         check(ServeConfig(package=str(tmp_path / "nothing")))
+
+
+def test_serve_command_refuses_a_bad_config_in_one_line_with_exit_2(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.strip() == ("seqfoundry serve: error: serve.package: is required "
+                                               "(seqfoundry serve package=<model package folder>)")
+    assert main(["serve", f"package={tmp_path / 'nothing'}"]) == 2
+    assert "serve.package:" in capsys.readouterr().err

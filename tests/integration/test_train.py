@@ -203,8 +203,10 @@ def test_incompatible_packages_are_refused(tiny_data, tmp_path, capsys):
     other_vocab = build_model(ModelConfig(vocab_size=600, d_model=16, num_encoder_layers=1, num_decoder_layers=1,
                                           num_heads=2, ffn_dim=32))
     write_package(tmp_path / "p600", other_vocab, tokenizer=tiny_data / "tokenizer.json", lineage=Lineage())
-    line = one_line_error(capsys, ["finetune", *base(tiny_data, tmp_path / "r", f"pretrained={tmp_path / 'p600'}")])
-    assert "vocab_size 600 != data tokenizer's 512" in line
+    for command in ("finetune", "pretrain"):  # continued pretraining from a package gets the same check
+        line = one_line_error(capsys, [command, *base(tiny_data, tmp_path / "r", f"pretrained={tmp_path / 'p600'}")])
+        assert line.startswith(f"seqfoundry {command}: error: pretrained:")
+        assert "vocab_size 600 != data tokenizer's 512" in line
 
     same_vocab = build_model(ModelConfig(vocab_size=512, d_model=16, num_encoder_layers=1, num_decoder_layers=1,
                                          num_heads=2, ffn_dim=32))
@@ -213,5 +215,6 @@ def test_incompatible_packages_are_refused(tiny_data, tmp_path, capsys):
     tok["model"]["vocab"] = dict(reversed(list(tok["model"]["vocab"].items())))
     foreign.write_text(json.dumps(tok))
     write_package(tmp_path / "pforeign", same_vocab, tokenizer=foreign, lineage=Lineage())
-    line = one_line_error(capsys, ["finetune", *base(tiny_data, tmp_path / "r", f"pretrained={tmp_path / 'pforeign'}")])
-    assert "tokenizer.json" in line and "differs from the data's tokenizer" in line
+    for command in ("finetune", "pretrain"):
+        line = one_line_error(capsys, [command, *base(tiny_data, tmp_path / "r", f"pretrained={tmp_path / 'pforeign'}")])
+        assert "tokenizer.json" in line and "differs from the data's tokenizer" in line

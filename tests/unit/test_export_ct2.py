@@ -85,21 +85,16 @@ def test_beam_with_length_penalty_best_equal(engines):
     assert [got[i][0].tokens for i in early] == [expected[i][0].tokens for i in early]
 
 
-def test_sampling_respects_the_constraints(engines):
-    """CTranslate2's sampler cannot be reseeded per call (see trainers/engines.py): only the
-    constraints and the scores are checked, not the draws."""
-    ours, ct2, _ = engines
-    rows = sources(6, seed=4)
-    cfg = DecodingConfig(strategy="sample", top_k=10, top_p=0.9, temperature=1.3, num_samples=3, seed=5,
-                         max_len=MAX_LEN, min_len=2)
-    batched = ct2.decode(rows, cfg)
-    assert all(len(h.tokens) >= 2 for hs in batched for h in hs)
-    hyp = batched[0][0]  # its score is our model's log-prob of the sampled tokens
-    with torch.no_grad():
-        score = ours.model.score(*pad_sources(rows[:1]), torch.tensor([hyp.tokens]), torch.tensor([len(hyp.tokens)]))
-    assert hyp.score == pytest.approx(score.item(), abs=1e-4)
-    assert all(len(hs) == 3 and all(h.tokens[-1] == 2 and len(h.tokens) <= MAX_LEN for h in hs) for hs in batched)
-    assert all(t not in (0, 1) for hs in batched for h in hs for t in h.tokens)  # pad and bos never generated
+def test_what_ctranslate2_cannot_promise_is_refused_in_one_line(engines):
+    """Seeded, batch-independent sampling and beam search with min_len > 1 (eos masked before
+    CTranslate2's softmax) cannot match ours: refused, never silently changed."""
+    _, ct2, _ = engines
+    rows = sources(2, seed=4)
+    with pytest.raises(ValueError, match=r"^decoding\.strategy: sample cannot keep its promise on CTranslate2"):
+        ct2.decode(rows, DecodingConfig(strategy="sample", top_k=10, seed=5, max_len=MAX_LEN))
+    with pytest.raises(ValueError, match=r"^decoding\.min_len: 2 with beam search on CTranslate2"):
+        ct2.check(DecodingConfig(strategy="beam", beam_size=3, min_len=2, max_len=MAX_LEN))
+    ct2.check(DecodingConfig(strategy="greedy", min_len=2, max_len=MAX_LEN))  # greedy's argmax is unaffected
 
 
 def test_int8_decodes(engines):
@@ -155,8 +150,6 @@ def test_refusals_are_one_line(tmp_path):
     if "bfloat16" not in ctranslate2.get_supported_compute_types("cpu"):
         with pytest.raises(ValueError, match=r"^serve\.compute_type: 'bfloat16' is not supported"):
             check_engine("ctranslate2", "bfloat16", key="serve")
-    with pytest.raises(ValueError, match=r"^decoding\.top_k: 1 with decoding\.num_samples > 1"):
-        translate_options(DecodingConfig(strategy="sample", top_k=1, num_samples=2), ["t"] * 48)
 
 
 def test_translate_options_mapping():
@@ -166,7 +159,5 @@ def test_translate_options_mapping():
     assert beam["beam_size"] == 4 and beam["num_hypotheses"] == 4 and beam["length_penalty"] == 0.6
     assert beam["patience"] == 50.0 and beam["no_repeat_ngram_size"] == 3
     assert beam["suppress_sequences"] == [["<pad>"], ["<s>"]] and beam["return_end_token"] is True
-    sample = translate_options(DecodingConfig(strategy="sample", top_k=0, top_p=0.8, temperature=0.7,
-                                              num_samples=2), vocab)
-    assert (sample["beam_size"], sample["sampling_topk"], sample["sampling_topp"],
-            sample["sampling_temperature"], sample["num_hypotheses"]) == (1, 0, 0.8, 0.7, 2)
+    with pytest.raises(ValueError, match=r"^decoding\.strategy: sample"):
+        translate_options(DecodingConfig(strategy="sample", top_k=0, top_p=0.8, temperature=0.7), vocab)
