@@ -100,7 +100,7 @@ def test_one_table_compares_engines_on_the_same_package(package):
     texts = {n: [o["outputs"][n]["text"] for o in results.outputs] for n in names}
     assert texts["greedy@ctranslate2"] == texts["greedy"]
     assert results.strategies["greedy@ctranslate2"]["bleu"] == pytest.approx(results.strategies["greedy"]["bleu"])
-    assert 0.0 <= results.strategies["greedy@ctranslate2/int8"]["bleu"] <= 100.0
+    assert 0.0 <= results.strategies["greedy@ctranslate2/int8"]["bleu"] <= 100.0 + 1e-9  # reported beside them
     assert results.strategies["beam:length_penalty=0.0@ctranslate2"]["search_error_rate"] is not None
 
 
