@@ -5,6 +5,8 @@ model package; every trial is a DeepSpeed fine-tune through Ray Train
     seqfoundry sweep pretrained=runs/p1/model experiment=tiny run.dir=runs/s1
     seqfoundry sweep pretrained=... sweep=tiny sweep.num_samples=4 sweep.scheduler=fifo
     seqfoundry sweep pretrained=... '+sweep.space.trainer.grad_clip={choice: [0.5, 1.0]}'
+    seqfoundry sweep pretrained=... sweep.metric=val_bleu sweep.search=optuna     # TPE on greedy BLEU
+    seqfoundry sweep pretrained=... run.dir=runs/s1 resume=true                   # continue an interrupted sweep
 
     <run.dir>/config.yaml          the sweep's resolved config
     <run.dir>/trial_<id>/          one fine-tuning run folder per trial (metrics.jsonl, wandb/, model/, ...)
@@ -29,11 +31,13 @@ from ray import tune
 
 from data_pipeline import Manifest
 
+from ..artifacts import log_artifact, model_artifact
 from ..cluster import ray_session
 from ..config import ConfigError, JobConfig, require_local
 from ..driver import failure_summary
 from ..preflight import preflight_training
 from ..runs import config_container, write_config
+from .config import SweepConfig
 from .space import Domain, flatten, nest, num_trials, parse_space
 from .trial import AbortTrainingOnStop, TrialRecipe, run_trial, trial_job, trial_name
 
@@ -41,7 +45,7 @@ RESULTS = "sweep_results.json"
 TUNE_DIR = "tune"
 SET_BY_THE_SWEEP = ("run.", "sweep.", "cluster.", "tracking.", "data.dir", "pretrained", "resume")
 """Keys the sweep sets itself: a space may not search them."""
-REPORTED = ("step", "val_loss", "val_ppl")
+REPORTED = ("step", "val_loss", "val_ppl", "val_bleu", "val_chrf")
 """What trials report to Tune (at each validation)."""
 
 
@@ -56,6 +60,8 @@ class SweepPlan:
     num_trials: int
     grace_period: int
     recipe: TrialRecipe
+    resume: bool = False
+    """Continue the interrupted sweep in run_dir (`Tuner.restore`): finished trials are not run again."""
 
 
 def run(job: JobConfig) -> int:
@@ -66,6 +72,7 @@ def run(job: JobConfig) -> int:
         trials = tune_trials(plan)
     results = summarize(plan, trials, wall_s=time.perf_counter() - t0)
     (plan.run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    log_best(plan, results["best"])
     print_table(results)
     if not results["best"]:
         print(f"seqfoundry sweep: error: no trial finished ({results['counts']}); see {plan.run_dir / RESULTS}",
@@ -89,11 +96,10 @@ def best_trial(sweep_dir: str | Path) -> dict:
 
 def plan_sweep(job: JobConfig) -> SweepPlan:
     check_sweep_config(job)
-    job = absolute_paths(job)
+    resume, job = job.resume, dataclasses.replace(absolute_paths(job), resume=False)  # trials decide their own
     s = job.sweep
     run_dir = Path(job.run.dir)
-    if (run_dir / RESULTS).exists() or (run_dir / TUNE_DIR).exists():
-        raise ConfigError(f"run.dir: {run_dir} already holds a sweep; choose another run.dir")
+    check_resumable(job, run_dir, resume=resume)
     check_validation_split(preflight_training(job, kind="finetune").manifest)  # data, package, resources
     name = s.name or run_dir.name
     storage = f"{job.cluster.storage_path.rstrip('/')}/{name}" if job.cluster.storage_path else ""
@@ -102,7 +108,26 @@ def plan_sweep(job: JobConfig) -> SweepPlan:
     for domain in domains:
         check_domain(recipe, domain)
     grace = s.grace_period or job.trainer.val_every
-    return SweepPlan(job, run_dir, name, domains, num_trials(domains, s.num_samples), grace, recipe)
+    return SweepPlan(job, run_dir, name, domains, num_trials(domains, s.num_samples, search=s.search), grace, recipe,
+                     resume=resume)
+
+
+def check_resumable(job: JobConfig, run_dir: Path, *, resume: bool) -> None:
+    from ray import tune
+
+    tune_dir = tune_path(job, run_dir)
+    if resume and not tune.Tuner.can_restore(tune_dir):
+        raise ConfigError(f"resume: {tune_dir} holds no sweep to resume (start it without resume=true)")
+    if not resume and ((run_dir / RESULTS).exists() or (run_dir / TUNE_DIR).exists()):
+        raise ConfigError(f"run.dir: {run_dir} already holds a sweep; pass resume=true to continue it or choose "
+                          "another run.dir")
+
+
+def tune_path(job: JobConfig, run_dir: Path) -> str:
+    """Tune's experiment folder: <cluster.storage_path>/<name>/tune, else <run.dir>/tune."""
+    name = job.sweep.name or run_dir.name
+    storage = f"{job.cluster.storage_path.rstrip('/')}/{name}" if job.cluster.storage_path else str(run_dir)
+    return f"{storage}/{TUNE_DIR}"
 
 
 def check_sweep_config(job: JobConfig) -> None:
@@ -112,8 +137,6 @@ def check_sweep_config(job: JobConfig) -> None:
     s = job.sweep
     if not s.space:
         raise ConfigError("sweep.space: empty; pick a preset (sweep=default, sweep=tiny) or add domains")
-    if job.resume:
-        raise ConfigError("resume: a sweep cannot be resumed; start it again in another run.dir")
     for domain in parse_space(s.space):
         if domain.key.startswith(SET_BY_THE_SWEEP):
             raise ConfigError(f"sweep.space.{domain.key}: set by the sweep itself, it cannot be searched")
@@ -157,32 +180,44 @@ def check_domain(recipe: TrialRecipe, domain: Domain) -> None:
 # --- Ray Tune -------------------------------------------------------------------------------
 
 def tune_trials(plan: SweepPlan) -> list:
-    """Run the Tuner; returns Tune's Trial objects, finished, failed or stopped."""
+    """Run the Tuner (or restore the interrupted one); returns Tune's Trial objects, finished, failed or stopped."""
     s = plan.job.sweep
     concurrency = trial_concurrency(plan.job)
     trainable = tune.with_parameters(run_trial, recipe=plan.recipe)
     trainable.__mixins__ = (AbortTrainingOnStop,)  # wrap_function adds it to the trainable class
     trainable = tune.with_resources(trainable, {"cpu": s.trial_cpus, "memory": s.trial_memory_mb * 2**20})
-    log = TrialLog()
-    tuner = tune.Tuner(
-        trainable, param_space=nest({d.key: d.to_tune() for d in plan.domains}),
-        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
-                                    search_alg=search_algorithm(s.seed, concurrency),
-                                    scheduler=make_scheduler(plan),
-                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=plan.recipe.storage or str(plan.run_dir),
-                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=[log], verbose=0))
+    param_space = nest({d.key: d.to_tune(search=s.search) for d in plan.domains})
     print(f"sweep {plan.name}: {plan.num_trials} trials over {', '.join(d.key for d in plan.domains)}; "
-          f"{concurrency} at a time; {describe_scheduler(plan)}; W&B group {plan.recipe.group}", flush=True)
+          f"{concurrency} at a time; {s.search} search; {describe_scheduler(plan)}; W&B group {plan.recipe.group}"
+          + ("; resumed" if plan.resume else ""), flush=True)
+    TrialLog.ended = []
+    if plan.resume:  # finished trials keep their results; unfinished ones continue (from their checkpoints)
+        tuner = tune.Tuner.restore(tune_path(plan.job, plan.run_dir), trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                                        search_alg=search_algorithm(s, concurrency), scheduler=make_scheduler(plan),
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=plan.recipe.storage or str(plan.run_dir),
+                                      failure_config=tune.FailureConfig(max_failures=0), callbacks=[TrialLog()],
+                                      verbose=0))
     tuner.fit()  # a failed trial is recorded, never raised
-    return log.trials
+    return TrialLog.ended
 
 
-def search_algorithm(seed: int | None, max_concurrent: int):
-    """Tune's random/grid search, seeded (`sweep.seed`) so that a sweep samples the same trials again."""
+def search_algorithm(s: SweepConfig, max_concurrent: int):
+    """The `sweep.search` algorithm, seeded by `sweep.seed` so that a sweep samples the same trials again:
+    Tune's random/grid variant generator, or Optuna's TPE (OptunaSearch) limited to `max_concurrent`."""
+    if s.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=s.seed), max_concurrent=max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=s.seed)
 
 
 def trial_concurrency(job: JobConfig) -> int:
@@ -220,10 +255,13 @@ def describe_scheduler(plan: SweepPlan) -> str:
 
 
 class TrialLog(tune.Callback):
-    """One console line per trial event; keeps Tune's Trial objects for the results."""
+    """One console line per trial event; keeps Tune's Trial objects for the results.
 
-    def __init__(self):
-        self.trials: list = []
+    `Tuner.restore` brings back the pickled callback of the interrupted run, not this process's
+    instance, so the trials are kept on the class (`TrialLog.ended`): one sweep runs at a time per driver.
+    """
+
+    ended: list = []
 
     def on_trial_start(self, iteration, trials, trial, **info):
         values = " ".join(f"{k}={fmt(v)}" for k, v in flatten(trial.config).items())
@@ -238,10 +276,21 @@ class TrialLog(tune.Callback):
         print(f"sweep: {trial_name(trial)} failed: {trial_error(trial)}", flush=True)
 
     def on_experiment_end(self, trials, **info):
-        self.trials = list(trials)
+        TrialLog.ended = list(trials)
 
 
 # --- results -------------------------------------------------------------------------------
+
+def log_best(plan: SweepPlan, best: dict) -> None:
+    """The best trial's package as the sweep's model artifact (`model-<sweep name>`, alias `best`),
+    logged from the best trial's W&B run."""
+    if not best:
+        return
+    spec = model_artifact(best["package"], name=f"model-{plan.name}", sweep=plan.name, trial=best["trial_id"],
+                          metric=plan.job.sweep.metric, value=best["metrics"].get(plan.job.sweep.metric))
+    log_artifact(plan.job.tracking, spec, run_dir=Path(best["dir"]), run_id=best["wandb_run_id"],
+                 job_type="sweep-best", group=plan.recipe.group, aliases=("best",))
+
 
 def summarize(plan: SweepPlan, trials: list, *, wall_s: float) -> dict:
     s = plan.job.sweep

@@ -42,13 +42,14 @@ class Domain:
             return (self.values[0], self.values[1] - 1)
         return self.values
 
-    def grid_size(self) -> int:
-        return len(self.values) if self.kind == "grid" else 1
+    def grid_size(self, *, search: str = "random") -> int:
+        return len(self.values) if self.kind == "grid" or (search == "grid" and self.kind == "choice") else 1
 
-    def to_tune(self):
+    def to_tune(self, *, search: str = "random"):
+        """The Tune domain; with `sweep.search=grid` a `choice` is searched as a grid."""
         from ray import tune
 
-        if self.kind == "grid":
+        if self.kind == "grid" or (search == "grid" and self.kind == "choice"):
             return tune.grid_search(list(self.values))
         if self.kind == "choice":
             return tune.choice(list(self.values))
@@ -90,9 +91,20 @@ def _domain(key: str, kind: str, values: tuple) -> Domain:
     return Domain(key, kind, values)
 
 
-def num_trials(domains: list[Domain], num_samples: int) -> int:
+def num_trials(domains: list[Domain], num_samples: int, *, search: str = "random") -> int:
     """Tune runs the whole grid once per sample."""
-    return num_samples * math.prod(d.grid_size() for d in domains)
+    return num_samples * math.prod(d.grid_size(search=search) for d in domains)
+
+
+def check_search(domains: list[Domain], search: str) -> None:
+    """Domains the search cannot use (ValueError naming `sweep.space.<key>`)."""
+    for d in domains:
+        if search == "grid" and d.kind in RANGES:
+            raise ValueError(f"sweep.space.{d.key}: sweep.search=grid needs listed values ([choice, ...] or "
+                             f"[grid, ...]), not a {d.kind} range")
+        if search == "optuna" and d.kind == "grid":
+            raise ValueError(f"sweep.space.{d.key}: sweep.search=optuna samples every domain; use [choice, ...] "
+                             "instead of [grid, ...] (or sweep.search=random)")
 
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:

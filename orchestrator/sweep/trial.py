@@ -6,7 +6,8 @@ DeepSpeed fine-tune through Ray Train (the Train V2 driver-function pattern).
         preflight_training → Run.open → fit(TorchTrainer, callbacks=[ValidationToTune, ControllerMailbox])
         write_package → <sweep>/trial_<id>/model
 
-Workers report `{"step", "val_loss", "val_ppl"}` at each validation and
+Workers report `{"step", "val_loss", "val_ppl"}` (and `val_bleu`, `val_chrf` when the sweep
+ranks on them: `trainer.val_metric_samples`) at each validation and
 `{"step", "tag", "final"}` at each checkpoint; only the validation reports go
 on to Tune (its scheduler needs the metric in every result).
 
@@ -20,6 +21,7 @@ trainable's `cleanup` (run by Tune before the actor ends) calls its `abort`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,12 @@ from ray import tune
 from ray.train.v2._internal.execution.callback import ControllerCallback  # a DeveloperAPI class
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from ..artifacts import log_run_package
 from ..config import ConfigError, JobConfig, one_line, to_typed
 from ..driver import fit, write_package
 from ..preflight import preflight_training, train_spec
+from ..runs import CheckpointRoot
+from .config import DECODED_METRICS
 from .space import flatten
 
 
@@ -63,7 +68,14 @@ def trial_job(recipe: TrialRecipe, values: dict[str, Any], *, trial: str) -> Job
     cfg.cluster.storage_path = f"{recipe.storage}/{trial}" if recipe.storage else ""
     cfg.tracking.group = recipe.group
     cfg.tracking.tags = [*recipe.job.tracking.tags, "sweep"]
+    if recipe.job.sweep.metric in DECODED_METRICS:  # the trial decodes validation sources to report it
+        cfg.trainer.val_metric_samples = recipe.job.sweep.metric_samples
     return to_typed(cfg)
+
+
+def interrupted(job: JobConfig) -> bool:
+    """The trial's run folder has checkpoints: a resumed sweep continues the trial from the latest."""
+    return CheckpointRoot.under(job.cluster.storage_path or job.run.dir).latest() is not None
 
 
 def trial_name(trial) -> str:
@@ -77,6 +89,7 @@ def run_trial(config: dict, *, recipe: TrialRecipe) -> None:
 
     context = tune.get_context()
     job = trial_job(recipe, flatten(config), trial=f"trial_{context.get_trial_id()}")
+    job = dataclasses.replace(job, resume=interrupted(job))
     run, spec = preflight_training(job, kind="finetune"), train_spec(job)
     run.open()
     mailbox = Queue(actor_options={"num_cpus": 0})
@@ -86,6 +99,7 @@ def run_trial(config: dict, *, recipe: TrialRecipe) -> None:
     finally:
         _RUNNING.pop("mailbox", None)
     package = write_package(run)
+    log_run_package(job.tracking, run, package)
     print(f"sweep: {run.name} wrote {package}", flush=True)
 
 

@@ -82,13 +82,22 @@ def test_a_failing_trial_is_reported_and_the_sweep_goes_on(tiny_data, pretrained
     rows = [json.loads(line) for line in (Path(good["dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert any("val_loss" in r for r in rows)
-    for t in (good, bad):  # one W&B run per trial, all in the sweep's group
-        assert [p.parent.name.rsplit("-", 1)[1] for p in offline_runs(t["dir"])] == [t["wandb_run_id"]]
+    for t in (good, bad):  # one W&B run per trial (opened again to log the package), all in the sweep's group
+        assert {p.parent.name.rsplit("-", 1)[1] for p in offline_runs(t["dir"])} == {t["wandb_run_id"]}
         assert "group: sweep" in (Path(t["dir"]) / "config.yaml").read_text()
+    logged = artifacts(good["dir"])  # the trial's package, and the sweep's best from the best trial's run
+    assert logged[f"model-trial_{good['trial_id']}"].type == "model" and logged["model-sweep"].aliases[-1] == "best"
+    assert {e.ref for e in logged["model-sweep"].manifest.contents} >= {(package / "model.safetensors").as_uri()}
+    assert not artifacts(bad["dir"])
     # (the killed trial's W&B writer died with its worker before flushing any record)
     assert run_ids(good["dir"]) == {good["wandb_run_id"]} and wandb_group(Path(good["dir"])) == {run.name}
 
     assert not live_placement_groups()
+
+
+def artifacts(run_dir) -> dict:
+    return {r.artifact.name: r.artifact for path in offline_runs(run_dir) for r in records(path)
+            if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"}
 
 
 def live_placement_groups() -> list[dict]:
@@ -142,3 +151,58 @@ def test_freeze_leaves_the_named_parameters_untrained(arch):
     assert frozen == sum(p.numel() for n, p in model.named_parameters() if n.startswith(encoder))
     assert "embed.weight" in trainable and not any(n.startswith(encoder) for n in trainable)
     assert freeze_parameters(build_model(cfg), "embeddings") == cfg.vocab_size * cfg.d_model
+
+
+def test_a_bleu_ranked_optuna_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(
+        tiny_data, pretrained, tmp_path):
+    """Trial one runs out; the driver is SIGKILLed while trial two runs; `resume=true` restores the
+    Tuner: trial one is not run again, trial two continues, and BLEU (max) picks the best."""
+    run = tmp_path / "sweep"
+    args = sweep_args(tiny_data, pretrained, run, "sweep.num_samples=2", "sweep.max_concurrent=1",
+                      "sweep.scheduler=fifo", "sweep.search=optuna", "sweep.seed=3", "sweep.metric=val_bleu",
+                      "sweep.metric_samples=4", "trainer.val_samples=2", "~sweep.space.model",
+                      "~sweep.space.trainer.freeze")
+    killed_driver(args, run)
+    [first] = [d for d in run.glob("trial_*") if (d / "model" / "model.safetensors").is_file()]
+    before = {p: p.read_bytes() for p in (first / "run.json", first / "metrics.jsonl")}
+
+    assert main([*args, "resume=true"]) == 0
+    results = json.loads((run / "sweep_results.json").read_text())
+    assert results["metric"] == "val_bleu" and results["mode"] == "max" and results["num_trials"] == 2
+    assert [t["status"] for t in results["trials"]] == ["TERMINATED", "TERMINATED"]
+    assert {p: p.read_bytes() for p in before} == before  # trial one was not run again
+    for t in results["trials"]:
+        rows = [json.loads(line) for line in (Path(t["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # each step trained once in the record
+        assert [r["step"] for r in rows if "val_bleu" in r] == [2, 4] and 0 <= t["metrics"]["val_bleu"] <= 100
+    best = max(results["trials"], key=lambda t: t["metrics"]["val_bleu"])
+    assert results["best"]["trial_id"] == best["trial_id"]
+    assert not live_placement_groups()
+
+
+def killed_driver(args: list[str], run: Path, timeout_s: float = 600.0) -> None:
+    """Run the sweep in a driver process of its own (its own local Ray), SIGKILL it once the first trial
+    has written its package and the second trial has started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # Tune saves its state at every step of its loop
+    log = open(run.parent / "killed_driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args, "cluster.num_cpus=2"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            trials = list(run.glob("trial_*"))
+            if len(trials) == 2 and any((t / "model" / "model.safetensors").is_file() for t in trials):
+                time.sleep(3.0)
+                break
+            time.sleep(1.0)
+        assert proc.poll() is None, f"the sweep ended before it could be killed; see {log.name}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
