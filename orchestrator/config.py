@@ -64,6 +64,9 @@ class ClusterConfig:
     """CPUs of the local cluster started when `address` is empty; 0 = all of this machine's."""
     storage_path: str = ""
     """Shared storage for checkpoints on a multi-node cluster; empty = `run.dir` (one machine)."""
+    allow_insecure: bool = False
+    """`submit`: send the Ray token over plain HTTP to a non-loopback address (anyone on the path can read it);
+    also `--allow-insecure` or SEQFOUNDRY_ALLOW_INSECURE=1."""
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0:

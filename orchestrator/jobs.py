@@ -107,7 +107,8 @@ def _submit(args: argparse.Namespace) -> int:
     jobs = check_job(job_args)
     warn_relative_paths(jobs)
     address = resolve_address(args.address)
-    with jobs_client(address, allow_insecure=_allow_insecure(args)) as client:
+    insecure = _allow_insecure(args) or any(job.cluster.allow_insecure for job in jobs)
+    with jobs_client(address, allow_insecure=insecure) as client:
         job_id = client.submit_job(entrypoint=entrypoint(job_args), runtime_env=runtime_env(jobs))
         print(job_id, flush=True)
         if args.no_wait:

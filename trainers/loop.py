@@ -9,6 +9,7 @@ the Ray Train context) and in rank 0's tracker; nothing else asks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -249,6 +250,7 @@ class Worker:
             "epoch": self.batcher.stream.epoch, "memory_mb": rss_mb(),
             **({"gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if self.on_gpu else {}),
             "skipped_shards": self.batcher.stream.num_bad_shards,
+            "bad_samples": self.batcher.stream.num_bad_samples,
             "dropped_samples": self.dropped, "truncated_samples": self.truncated,
         }
         self.sink.log(self.state.step, metrics,
@@ -284,12 +286,11 @@ class Worker:
                                     world_size=self.world_size, seed=self.cfg.seed, split="valid")
         except (ValueError, FileNotFoundError):
             return {}  # no validation split prepared
+        batches = list(itertools.islice(batcher, self.cfg.val_batches))
         loss_sum, tokens = 0.0, 0
         self.engine.eval()
         with torch.no_grad():
-            for i, batch in enumerate(batcher):
-                if i == self.cfg.val_batches:
-                    break
+            for batch in batches[: equal_count(len(batches))]:  # ZeRO-3: every forward is a collective
                 batch = batch.to(self.device)
                 loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out)
                 loss_sum += loss.item() * batch.num_tokens
@@ -452,6 +453,17 @@ class Window:
 
     def reset(self) -> None:
         self.loss_sum, self.tokens = 0.0, 0
+
+
+def equal_count(count: int) -> int:
+    """The smallest `count` over ranks: token-budget batching gives ranks unequal validation batch counts,
+    and under ZeRO-3 a rank that runs one forward more than the others waits forever."""
+    t = torch.tensor([count], dtype=torch.long)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def all_reduce_mean(weighted_sum: float, weight: float) -> tuple[float, float]:

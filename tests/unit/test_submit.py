@@ -208,9 +208,11 @@ def test_plain_http_with_a_token_only_when_asked(with_token, monkeypatch):
     assert main(["submit", "--no-wait", "--allow-insecure", "--address", "http://head:8265", *DEMO_JOB]) == 0
     assert main(["jobs", "--allow-insecure", "--address", "http://head:8265", "list"]) == 0
     assert main(["jobs", "--address", "http://head:8265", "list", "--allow-insecure"]) == 0
+    assert main(["submit", "--no-wait", "--address", "http://head:8265", *DEMO_JOB,
+                 "cluster.allow_insecure=true"]) == 0  # the job's own config key
     monkeypatch.setenv("SEQFOUNDRY_ALLOW_INSECURE", "1")
     assert main(["jobs", "--address", "http://head:8265", "list"]) == 0
-    assert len(with_token.made) == 4
+    assert len(with_token.made) == 5
 
 
 def test_no_token_no_check(fake_client):
