@@ -38,8 +38,8 @@ from trainers.models import ModelConfig, build_model
 from trainers.package import TOKENIZER, Lineage, PackageError, load_package, sha256_file
 
 from ..tracking import TrackingConfig, open_wandb
-from .config import EvalConfig
-from .metrics import perplexity, strategy_metrics
+from .config import COPY_BASELINE, EvalConfig
+from .metrics import baseline_metrics, perplexity, strategy_metrics
 from .result import EvalResult
 
 TORCH = ("torch", "float32")
@@ -177,7 +177,14 @@ class Evaluator:
             samples=[{"key": o["key"], "source": o["source"], "reference": o["reference"],
                       **{name: o["outputs"][name]["text"] for name in names}}
                      for o in outputs[: self.spec.eval.num_examples]],
-            outputs=outputs, elapsed_s=time.perf_counter() - t0)
+            baselines=self.baselines(), outputs=outputs, elapsed_s=time.perf_counter() - t0)
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """The rows that need no model: copying each source (`eval.baseline`; auto = for restoration data)."""
+        wanted = self.spec.eval.baseline
+        if wanted == "copy" or (wanted == "auto" and self.pairs.info.get("task") == "restore"):
+            return {COPY_BASELINE: baseline_metrics(self.pairs.sources, self.pairs.references)}
+        return {}
 
     def engine_of(self, name: str) -> tuple[str, str]:
         return self.spec.engines.get(name, TORCH)

@@ -175,10 +175,13 @@ COLUMNS = (("bleu", "BLEU", "{:.2f}"), ("chrf", "chrF", "{:.2f}"), ("exact_match
 
 def print_table(results: EvalResult) -> None:
     """Strategies x metrics, then perplexity and the sacreBLEU signatures."""
-    width = max(10, *(len(n) + 2 for n in results.strategies))
+    width = max(10, *(len(n) + 2 for n in (*results.strategies, *results.baselines)))
     print(f"{'strategy':<{width}}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS))
     for name, metrics in results.strategies.items():
         cells = [fmt.format(metrics[key]) if metrics.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+        print(f"{name:<{width}}" + "".join(f"{c:>12}" for c in cells))
+    for name, metrics in results.baselines.items():  # needs no model: only the quality columns
+        cells = [fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in COLUMNS]
         print(f"{name:<{width}}" + "".join(f"{c:>12}" for c in cells))
     print(f"{results.counts['samples']} pairs of {results.dataset['dir']} ({results.dataset['split']}); "
           f"teacher-forced perplexity {results.perplexity:.3f}")

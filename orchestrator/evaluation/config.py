@@ -10,6 +10,9 @@ from trainers.engines import check_engine_keys
 from .presets import strategy_configs, strategy_engines
 
 SPLITS = ("", "train", "valid", "test")
+BASELINES = ("auto", "copy", "none")
+COPY_BASELINE = "copy source"
+"""The baseline row's name in tables and results."""
 
 
 @dataclass
@@ -38,6 +41,9 @@ class EvalConfig:
     """CPUs reserved for the evaluation actor (during training: at most what the workers leave free)."""
     use_gpu: bool = False
     """Run the evaluation actor on one GPU."""
+    baseline: str = "auto"
+    """A baseline row that needs no model: `copy` (each source copied unchanged: the floor a model must clear
+    when source and target are the same language), `none`, or `auto` (= copy for the restoration task)."""
     engine: str = "torch"
     """Decoding engine of every strategy: `torch` (our decoder) or `ctranslate2` (the package converted once,
     cached beside it). A strategy entry may name its own: 'eval.strategies=[greedy,greedy@ctranslate2/int8]'."""
@@ -56,4 +62,6 @@ class EvalConfig:
             raise ValueError(f"eval.wait_s/num_cpus: must be >= 0, got {self.wait_s}, {self.num_cpus}")
         strategy_configs(list(self.strategies))  # ValueError naming eval.strategies
         check_engine_keys(self.engine, self.compute_type, key="eval")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"eval.baseline: must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         strategy_engines(list(self.strategies), engine=self.engine, compute_type=self.compute_type)

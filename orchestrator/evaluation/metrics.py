@@ -36,6 +36,12 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / max(len(references), 1)
 
 
+def baseline_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """BLEU, chrF and exact match of outputs that need no model (e.g. the sources copied unchanged)."""
+    return {"bleu": corpus_bleu(hypotheses, references)[0], "chrf": corpus_chrf(hypotheses, references)[0],
+            "exact_match": exact_match(hypotheses, references)}
+
+
 def search_error_rate(beam: Sequence[Hypothesis], greedy: Sequence[Hypothesis], length_penalty: float) -> float:
     """Share of sources where beam search's best hypothesis ranks below greedy search's output.
 

@@ -37,6 +37,8 @@ class EvalResult:
     """Every source with every strategy's text, score and length (eval_outputs.jsonl)."""
     elapsed_s: float = 0.0
     format: str = FORMAT
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Rows that need no model (`copy source`: each source copied unchanged) -> BLEU, chrF, exact match."""
     package: dict[str, Any] | None = None
     """The evaluated package: path, weights sha256, arch, lineage (set by `seqfoundry evaluate`)."""
     wandb_run_id: str | None = None
@@ -45,14 +47,22 @@ class EvalResult:
         """eval_results.json: everything but the per-source outputs, in the file's historical key order."""
         data = dataclasses.asdict(self)
         data.pop("outputs")
-        order = ("format", "dataset", "perplexity", "loss", "counts", "strategies", "signatures", "decoding",
-                 "samples", "elapsed_s", "package", "wandb_run_id")
+        order = ("format", "dataset", "perplexity", "loss", "counts", "strategies", "baselines", "signatures",
+                 "decoding", "samples", "elapsed_s", "package", "wandb_run_id")
         return {key: data[key] for key in order}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "EvalResult":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def margins(self, baseline: str) -> dict[str, dict[str, float]]:
+        """Strategy -> BLEU and chrF minus the baseline's (positive: the model beats the baseline)."""
+        base = self.baselines.get(baseline)
+        if not base:
+            return {}
+        return {name: {k: m[k] - base[k] for k in ("bleu", "chrf") if m.get(k) is not None}
+                for name, m in self.strategies.items()}
 
     def summary(self) -> dict[str, Any]:
         """The compact form (no samples or outputs): what eval_metrics.jsonl keeps per checkpoint."""
@@ -62,6 +72,6 @@ class EvalResult:
     def wandb_metrics(self) -> dict[str, float]:
         """`eval/<strategy>/<metric>` for every numeric metric, plus `eval/perplexity` and `eval/loss`."""
         flat = {"eval/perplexity": self.perplexity, "eval/loss": self.loss}
-        for name, metrics in self.strategies.items():
+        for name, metrics in {**self.strategies, **self.baselines}.items():
             flat.update({f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         return flat

@@ -175,7 +175,10 @@ def run_json(run_dir: Path) -> dict:
 def print_results(results: EvalResult, lineage: LineageGraph) -> None:
     """The pipeline ends with the evaluation's table: decoding strategies x metrics."""
     from ..evaluation.command import print_table
+    from ..evaluation.config import COPY_BASELINE
 
     print()
     print_table(results)
+    for name, margin in results.margins(COPY_BASELINE).items():
+        print(f"{name}: BLEU {margin['bleu']:+.2f}, chrF {margin['chrf']:+.2f} over copying the source")
     print(f"lineage: {lineage.path} ({len(lineage.records)} artifacts)")

@@ -93,10 +93,16 @@ def test_one_table_compares_engines_on_the_same_package(package):
     """`greedy@ctranslate2` (float32) decodes exactly our greedy tokens; the int8 row is reported beside them."""
     torch.set_num_threads(1)
     names = ["greedy", "greedy@ctranslate2", "greedy@ctranslate2/int8", "beam:length_penalty=0.0@ctranslate2"]
-    spec = EvalSpec(data_dir=str(package.parents[1] / "data"), split="test", eval=EvalConfig(max_samples=24),
-                    package=str(package), strategies=strategy_configs(names, DecodingConfig(max_len=16)),
-                    engines=strategy_engines(names))
+    spec = EvalSpec(data_dir=str(package.parents[1] / "data"), split="test",
+                    eval=EvalConfig(max_samples=24, baseline="copy"), package=str(package),
+                    strategies=strategy_configs(names, DecodingConfig(max_len=16)), engines=strategy_engines(names))
     results = Evaluator(spec).evaluate()
+    sources, refs = [o["source"] for o in results.outputs], [o["reference"] for o in results.outputs]
+    copy = results.baselines["copy source"]  # eval.baseline=copy: the sources as outputs, scored by sacreBLEU
+    assert copy["bleu"] == pytest.approx(sacrebleu.corpus_bleu(sources, [refs]).score)
+    assert copy["chrf"] == pytest.approx(sacrebleu.corpus_chrf(sources, [refs]).score)
+    margin = results.margins("copy source")["greedy"]["bleu"]
+    assert margin == pytest.approx(results.strategies["greedy"]["bleu"] - copy["bleu"])
     texts = {n: [o["outputs"][n]["text"] for o in results.outputs] for n in names}
     assert texts["greedy@ctranslate2"] == texts["greedy"]
     assert results.strategies["greedy@ctranslate2"]["bleu"] == pytest.approx(results.strategies["greedy"]["bleu"])
