@@ -53,7 +53,8 @@ class RunConfig:
     dir: str = "runs/${now:%Y%m%d-%H%M%S}"
     """Run folder: config.yaml, metrics, checkpoints and outputs of this job go here."""
     seed: int = 0
-    """Global seed for everything that is random in the job."""
+    """The job's seed: `trainer.seed` (initial weights, data order, dropout), `sweep.seed` (the trials sampled)
+    and `decoding.seed` (sampling) follow it unless set themselves (conf/config.yaml)."""
 
 
 @dataclass

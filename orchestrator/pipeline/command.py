@@ -46,6 +46,13 @@ def stage_job(job: JobConfig, *, run_dir: Path, data_dir: Path, **changes) -> Jo
         **changes)
 
 
+def finetune_job(job: JobConfig, *, run_dir: Path, data_dir: Path, pretrained: str) -> JobConfig:
+    """The sweep stage's job: fine-tuning trains on the prepared pairs as they are (objective `pairs`, as
+    `seqfoundry sweep` defaults to), whatever objective the pretraining stage noised text with."""
+    return stage_job(job, run_dir=run_dir, data_dir=data_dir, pretrained=pretrained,
+                     objective=dataclasses.replace(job.objective, name="pairs"))
+
+
 def run(job: JobConfig) -> int:
     f = folders(job)
     check_stages(job, f)  # every stage's config, before the first stage starts
@@ -79,7 +86,7 @@ def check_stages(job: JobConfig, f: Folders) -> None:
     if "pretrain" in stages and not job.pretrained:
         check_training_config(stage_job(job, run_dir=f.pretrain, data_dir=f.data, pretrained=""), kind="pretrain")
     if "sweep" in stages and not job.pipeline.finetuned:
-        sweep = stage_job(job, run_dir=f.sweep, data_dir=f.data, pretrained=str(job.pretrained or f.pretrain))
+        sweep = finetune_job(job, run_dir=f.sweep, data_dir=f.data, pretrained=str(job.pretrained or f.pretrain))
         check_sweep_config(sweep)
         check_training_config(sweep, kind="finetune")
     if "evaluate" in stages:
@@ -134,7 +141,7 @@ def stage_sweep(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path, p
         results = f.sweep / "sweep_results.json"
         reused = results.is_file() or "sweep" not in job.pipeline.stages
         if not reused:
-            check(sweep(stage_job(job, run_dir=f.sweep, data_dir=data, pretrained=str(pretrained))), "sweep")
+            check(sweep(finetune_job(job, run_dir=f.sweep, data_dir=data, pretrained=str(pretrained))), "sweep")
         best = best_trial(f.sweep)
         package, run_id = Path(best["package"]), best.get("wandb_run_id")
     lineage.add(make_record("finetuned", "model", package, parents=["pretrained", "data"], wandb_run_id=run_id,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.cli import main
 from trainers.package import load_package, sha256_file
@@ -47,6 +48,9 @@ def test_every_artifact_links_to_its_parents_with_matching_hashes(pipeline_dir):
     assert arts["evaluation"]["sha256"] == sha256_file(arts["evaluation"]["path"])
     for name in ("pretrained", "finetuned"):
         assert arts[name]["wandb_run_id"], name
+    # the sweep fine-tuned on the restoration pairs, not on the pretraining objective
+    trial_config = Path(arts["finetuned"]["path"]).parent / "config.yaml"
+    assert yaml.safe_load(trial_config.read_text())["objective"]["name"] == "pairs"
     # the fine-tuned package names its parent package and the data it was trained on
     lineage = json.loads((Path(arts["finetuned"]["path"]) / "lineage.json").read_text())
     assert Path(lineage["parent_package"]) == Path(arts["pretrained"]["path"])
@@ -57,6 +61,7 @@ def test_every_artifact_links_to_its_parents_with_matching_hashes(pipeline_dir):
 def test_results_cover_every_strategy_and_the_artifacts_reach_wandb(pipeline_dir):
     results = json.loads((pipeline_dir / "eval" / "eval_results.json").read_text())
     assert {"greedy", "beam", "sample"} <= set(results["strategies"])
+    assert set(results["baselines"]) == {"copy source"}  # restoration data: the copy floor is reported
     for metrics in results["strategies"].values():
         assert 0.0 <= metrics["bleu"] <= 100.0 and metrics["tokens_per_s"] > 0
     logged = {r.artifact.name for path in offline_runs(pipeline_dir) for r in records(path)
