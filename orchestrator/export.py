@@ -19,6 +19,7 @@ from pathlib import Path
 from data_pipeline.storage import is_remote
 from trainers.package import PackageError, read_model_config
 
+from .artifacts import log_run_package
 from .config import ConfigError, ExportConfig, JobConfig
 from .driver import write_package
 from .preflight import check_package, saved_run
@@ -28,7 +29,10 @@ from .runs import Run
 def run(job: JobConfig) -> int:
     e = job.export
     if e.format == "package":
-        print(f"export: {export_checkpoint(saved_run(job.run.dir), e)}")
+        saved = saved_run(job.run.dir)
+        package = export_checkpoint(saved, e)
+        log_run_package(job.tracking, saved, package, aliases=(e.tag,) if e.tag else ())  # a W&B model artifact
+        print(f"export: {package}")
         return 0
     if e.package:
         package = check_package(e.package, key="export.package")
