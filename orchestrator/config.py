@@ -206,12 +206,27 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def load_job_config(path: str | Path) -> JobConfig:
-    """A run folder's saved config.yaml as a typed JobConfig."""
+    """A run folder's saved config.yaml as a typed JobConfig.
+
+    A saved config is resolved when it is written, so it holds no `${...}`: one that does (a crafted
+    `${oc.env:SECRET}` in someone else's package) is refused unresolved, naming the key."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
+        saved = OmegaConf.load(path)
+        refuse_interpolations(path, OmegaConf.to_container(saved, resolve=False))
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), saved)
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"{path}: {one_line(err)}") from err
     return to_typed(merged)
+
+
+def refuse_interpolations(path: str | Path, node: Any, key: str = "") -> None:
+    """ConfigError naming the first key of a saved config whose value holds `${` (never resolved)."""
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for name, value in children:
+        refuse_interpolations(path, value, f"{key}.{name}" if key else str(name))
+    if isinstance(node, str) and "${" in node:
+        raise ConfigError(f"{key}: {path} holds an interpolation; a saved config is loaded without resolving "
+                          "any (is it a seqfoundry run's config.yaml?)")
 
 
 def to_typed(cfg: DictConfig) -> JobConfig:

@@ -102,6 +102,10 @@ def check_engines(package: Path, engines: dict[str, tuple[str, str]], configs: d
             raise ConfigError(f"eval.strategies: {name!r}: {err}") from None
 
 
+SAVED_DATA_SCHEMES = ("file", "s3", "gs")
+"""The locations evaluate follows when a package's own config.yaml names its data (never http or others)."""
+
+
 def data_for(package: Path, data_dir: str) -> str:
     """`data.dir` as given, or (FROM_PACKAGE) the data.dir of the run that wrote the package."""
     if data_dir != FROM_PACKAGE:
@@ -111,6 +115,9 @@ def data_for(package: Path, data_dir: str) -> str:
         raise ConfigError(f"data.dir: cannot tell which data {package} was trained on (no {config}); "
                           "pass data.dir=<prepared folder>")
     found = load_job_config(local_copy(config)).data.dir
+    if "://" in found and found.split("://", 1)[0] not in SAVED_DATA_SCHEMES:
+        raise ConfigError(f"data.dir: {config} names {found}; a saved data.dir must be a local, file://, s3:// "
+                          "or gs:// location (pass data.dir=<prepared folder>)")
     expected = read_lineage(package).data_manifest_sha256
     manifest = as_path(found) / "manifest.json"
     if expected and manifest.is_file() and sha256_file(manifest) != expected:
