@@ -79,6 +79,13 @@ class TrainerConfig:
     seconds (a watchdog thread on rank 0); 0 = off."""
     max_failures: int = 2
     """Times Ray Train restarts the worker group after a worker dies."""
+    max_bad_steps: int = 10
+    """Batches with a non-finite loss (NaN or inf on any rank) tolerated: each is skipped on every rank before
+    its backward (no gradient, no update, counted in `bad_steps`); one more aborts the run (0 = abort at the
+    first)."""
+    collective_timeout_s: int = 300
+    """Seconds a collective (all-reduce, barrier) may wait for a lost rank before the job fails
+    (Ray Train's `TorchConfig(timeout_s=...)`; torch's default is 30 minutes)."""
     freeze: str = "none"
     """Parameters left untrained when fine-tuning: `none`, `embeddings` (the shared token embedding, which is
     also the output projection, and learned position tables) or `encoder` (every encoder layer and norm)."""
@@ -103,6 +110,9 @@ class TrainerConfig:
         if self.val_samples < 0 or self.val_metric_samples < 0 or self.stall_alert_s < 0:
             raise ValueError("trainer.val_samples/val_metric_samples/stall_alert_s: must be >= 0, got "
                              f"{self.val_samples}, {self.val_metric_samples}, {self.stall_alert_s}")
+        if self.max_bad_steps < 0 or self.collective_timeout_s < 1:
+            raise ValueError("trainer.max_bad_steps/collective_timeout_s: need max_bad_steps >= 0 and "
+                             f"collective_timeout_s >= 1, got {self.max_bad_steps}, {self.collective_timeout_s}")
         if self.freeze not in FREEZE:
             raise ValueError(f"trainer.freeze: must be one of {', '.join(FREEZE)}, got {self.freeze!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -141,6 +151,11 @@ class ChaosConfig:
     """Kill one worker process with SIGKILL once, right after this step (0 = never); for resume tests."""
     fail_rank: int = 0
     """Which rank `fail_at_step` kills."""
+    nan_at_step: int = 0
+    """Make the loss of the first batch of this step NaN on rank `nan_rank` (0 = never); for the
+    non-finite-loss tests (`trainer.max_bad_steps`)."""
+    nan_rank: int = 0
+    """Which rank `nan_at_step` poisons."""
 
 
 def _positive(key: str, value: int) -> None:

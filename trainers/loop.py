@@ -98,6 +98,8 @@ class Worker:
         self.consumed = Progress()  # stream positions of the batches trained on this epoch
         self.dropped = self.truncated = 0  # over-long samples seen by this rank
         self.grad_norm = 0.0  # before clipping, of the last optimizer step (ZeRO-0 only; else DeepSpeed's)
+        self.bad_steps = 0  # batches skipped for a non-finite loss on some rank (trainer.max_bad_steps)
+        self.nan_fired = False  # chaos.nan_at_step poisons one batch once
         saved_world = ckpt.saved_world_size(checkpoint) if checkpoint else world_size
         self.load_universal = saved_world != world_size and job.deepspeed.zero_stage > 0
         self.model, self.num_parameters, self.num_frozen = self.build_model()
@@ -186,16 +188,21 @@ class Worker:
             self.after_step(timer, window, start_step, t_start)
             self.sink.step_done()
         self.validate_and_log()
-        self.save_checkpoint(final=True)
+        if self.state.step > start_step:  # a restore at max_steps re-saving step_N: Ray Train would delete it
+            self.save_checkpoint(final=True)
 
     def train_step(self, batches: Iterator[Batch], timer: StepTimer) -> tuple[float, int]:
         """One optimizer step: `grad_accum_steps` micro-batches, then DeepSpeed's step."""
-        total_loss, total_tokens = 0.0, 0
-        for _ in range(self.cfg.grad_accum_steps):
+        total_loss, total_tokens, micro = 0.0, 0, 0
+        while micro < self.cfg.grad_accum_steps:
             batch = next(batches).to(self.device)
             timer.data_ready()
-            loss = self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out,
-                               label_smoothing=self.cfg.label_smoothing)
+            loss = self.chaos_nan(self.engine(batch.src, batch.src_lengths, batch.tgt_in, labels=batch.tgt_out,
+                                              label_smoothing=self.cfg.label_smoothing))
+            if not all_finite(loss):  # the same answer on every rank: all skip it, DeepSpeed never sees it
+                self.skip_bad_batch()
+                continue
+            micro += 1
             self.engine.backward(loss)
             if self.job.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 self.grad_norm = total_grad_norm(self.model)  # DeepSpeed records it only under ZeRO
@@ -205,6 +212,26 @@ class Worker:
             timer.step_done(src_tokens=int(batch.src_lengths.sum()), tgt_tokens=tokens, samples=len(batch),
                             flops=self.train_flops(batch))
         return total_loss / max(total_tokens, 1), total_tokens
+
+    def skip_bad_batch(self) -> None:
+        """Count a batch whose loss is non-finite on some rank (skipped before its backward, so no gradient
+        and no update); one more than `trainer.max_bad_steps` aborts the run."""
+        self.bad_steps += 1
+        console(f"step {self.state.step + 1}: non-finite loss on some rank, batch skipped "
+                f"({self.bad_steps}/{self.cfg.max_bad_steps} tolerated)")
+        if self.bad_steps > self.cfg.max_bad_steps:
+            raise FloatingPointError(f"trainer.max_bad_steps: {self.bad_steps} batches with a non-finite loss "
+                                     f"(latest at step {self.state.step + 1}) exceed trainer.max_bad_steps="
+                                     f"{self.cfg.max_bad_steps}; lower trainer.lr or check the data")
+
+    def chaos_nan(self, loss: torch.Tensor) -> torch.Tensor:
+        """`chaos.nan_at_step`: this rank's loss becomes NaN once, at that step."""
+        chaos = self.job.chaos
+        if self.nan_fired or self.state.step + 1 != chaos.nan_at_step or self.rank != chaos.nan_rank:
+            return loss
+        self.nan_fired = True
+        console(f"chaos: NaN loss on rank {self.rank} at step {chaos.nan_at_step}")
+        return loss * float("nan")
 
     def train_flops(self, batch: Batch) -> float:
         counts = self.model.flops(batch.src.size(1), batch.tgt_in.size(1))
@@ -251,7 +278,7 @@ class Worker:
             **({"gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if self.on_gpu else {}),
             "skipped_shards": self.batcher.stream.num_bad_shards,
             "bad_samples": self.batcher.stream.num_bad_samples,
-            "dropped_samples": self.dropped, "truncated_samples": self.truncated,
+            "dropped_samples": self.dropped, "truncated_samples": self.truncated, "bad_steps": self.bad_steps,
         }
         self.sink.log(self.state.step, metrics,
                       line=progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start))
@@ -306,6 +333,8 @@ class Worker:
         import ray.train
         from ray.train import Checkpoint
 
+        if not all_finite(*(getattr(p, "ds_tensor", p) for p in self.model.parameters())):  # ZeRO-3: own shard
+            raise FloatingPointError(f"trainer: non-finite weights at step {self.state.step}; no checkpoint written")
         self.state.rng = ckpt.capture_rng()
         self.state.data = self.batcher.state_dict(consumed=self.consumed)
         with tempfile.TemporaryDirectory(prefix="seqfoundry-ckpt-") as folder:
@@ -464,6 +493,18 @@ def equal_count(count: int) -> int:
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors are finite on every rank (one all-reduced flag; ZeRO-3's empty placeholders count
+    as finite, their shards are checked by the rank that owns them)."""
+    bad = any(t.numel() and not bool(torch.isfinite(t.detach()).all()) for t in tensors)
+    t = torch.tensor([float(bad)])
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return not t.item()
 
 
 def all_reduce_mean(weighted_sum: float, weight: float) -> tuple[float, float]:

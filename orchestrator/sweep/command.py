@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 import time
@@ -295,15 +296,21 @@ def log_best(plan: SweepPlan, best: dict) -> None:
 def summarize(plan: SweepPlan, trials: list, *, wall_s: float) -> dict:
     s = plan.job.sweep
     records = [trial_record(plan, t) for t in trials]
-    finished = [r for r in records if r["status"] == "TERMINATED" and s.metric in r["metrics"]]
-    pick = min if s.mode == "min" else max
-    best = pick(finished, key=lambda r: r["metrics"][s.metric]) if finished else {}
+    best = best_record(records, metric=s.metric, mode=s.mode)
     counts = {status: sum(r["status"] == status for r in records)
               for status in ("TERMINATED", "EARLY_STOPPED", "ERROR") if any(r["status"] == status for r in records)}
     return {"name": plan.name, "dir": str(plan.run_dir), "pretrained": plan.job.pretrained,
             "metric": s.metric, "mode": s.mode, "scheduler": s.scheduler, "space": s.space,
             "num_trials": len(records), "counts": counts, "wall_s": round(wall_s, 1),
             "best": best, "trials": records}
+
+
+def best_record(records: list[dict], *, metric: str, mode: str) -> dict:
+    """The best finished trial by `metric` ({} if none); a NaN or inf metric never wins."""
+    finished = [r for r in records if r["status"] == "TERMINATED"
+                and isinstance(r["metrics"].get(metric), (int, float)) and math.isfinite(r["metrics"][metric])]
+    pick = min if mode == "min" else max
+    return pick(finished, key=lambda r: r["metrics"][metric]) if finished else {}
 
 
 def trial_record(plan: SweepPlan, trial) -> dict:

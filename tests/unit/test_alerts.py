@@ -46,7 +46,7 @@ def test_a_non_finite_loss_alerts_on_the_console_and_in_wandb_when_online(sink, 
     [line] = alerts(capsys.readouterr().out)
     assert line == "ALERT [WARN] non-finite loss: r step 2: loss=nan"
     assert sink.calls == []  # offline: the console line only
-    assert '"loss": NaN' in (sink.folder.local / "metrics.jsonl").read_text()  # logged as it was, too
+    assert '"loss": null' in (sink.folder.local / "metrics.jsonl").read_text()  # logged too, as strict JSON
 
     sink.tracker.mode = "online"  # as a run with a W&B key would be
     sink.log(3, {"val_loss": math.inf}, line="step 3")
