@@ -22,14 +22,17 @@ from trainers.run_folder import RunFolder
 from .cluster import local_cpus
 from .config import ConfigError, JobConfig, load_job_config
 from .driver import TrainSpec
-from .runs import CONFIG, RUN_INFO, CheckpointRoot, Run, RunInfo, config_container, config_sha256, saved_run_id
+from .runs import (CONFIG, RUN_INFO, TRAINING_SLICES, CheckpointRoot, Run, RunInfo, RunLock, config_container,
+                   config_sha256, saved_run_id, training_identity)
 from .tracking import new_run_id
 
 KINDS = ("pretrain", "finetune")
 
 
-def preflight_training(job: JobConfig, *, kind: str) -> Run:
-    """The Run of a pretrain or finetune job, every check passed (reads, never writes the run)."""
+def preflight_training(job: JobConfig, *, kind: str, finished_ok: bool = False) -> Run:
+    """The Run of a pretrain or finetune job, every check passed (reads, never writes the run).
+    `finished_ok`: a resume may find the run at trainer.max_steps (a sweep trial restored by Tune after its
+    last checkpoint: the workers restore, save nothing, and the package is written)."""
     check_training_config(job, kind=kind)
     manifest = load_manifest(job.data.dir)
     model = job.model
@@ -45,8 +48,14 @@ def preflight_training(job: JobConfig, *, kind: str) -> Run:
     folder = open_folder(job.run.dir, writable=True)
     storage = (open_folder(job.cluster.storage_path, key="cluster.storage_path", writable=True).location
                if job.cluster.storage_path else folder.location)
+    if not folder.remote:
+        _check(RunLock(folder.local).check)  # another run active in this folder
     resumed = _check_resume(folder, CheckpointRoot.under(storage), resume=job.resume)
     config = config_container(job)
+    if resumed and not finished_ok:
+        check_unfinished(CheckpointRoot.under(storage), max_steps=job.trainer.max_steps)
+    if resumed:
+        check_same_config(folder, config)
     return Run(kind=kind, folder=folder, manifest=manifest, model=model, storage_path=storage,
                pretrained=url(job.pretrained) if job.pretrained else "", config=config,
                config_sha256=config_sha256(config),
@@ -80,6 +89,36 @@ def _check_resume(folder: RunFolder, checkpoints: CheckpointRoot, *, resume: boo
     if resume and not has_checkpoint:
         raise ConfigError(f"resume: {folder.location} has no checkpoint to resume from")
     return has_checkpoint
+
+
+def check_unfinished(checkpoints: CheckpointRoot, *, max_steps: int) -> None:
+    """`resume=true` on a run whose latest checkpoint is at trainer.max_steps: nothing to train (and no step
+    to re-save: Ray Train would register the same folder again)."""
+    latest = checkpoints.latest()
+    step = CheckpointRoot.step(latest) if latest is not None else 0
+    if step >= max_steps:
+        raise ConfigError(f"resume: {checkpoints.location} already finished at step {step} (trainer.max_steps="
+                          f"{max_steps}); raise trainer.max_steps to train on, or package it with "
+                          "`seqfoundry export`")
+
+
+def check_same_config(folder: RunFolder, config: dict) -> None:
+    """`resume=true` continues the run the folder holds, not another one: its saved config.yaml must agree on
+    every training key a resume may not change (runs.RESUME_MAY_CHANGE)."""
+    folder.pull(CONFIG)
+    path = folder.local / CONFIG
+    if not path.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    saved = training_identity(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    new = training_identity(config)
+    differing = [key for key in TRAINING_SLICES if saved.get(key) != new.get(key)]
+    if differing:
+        keys = [f"{s}.{k}" for s in differing if isinstance(new.get(s), dict) and isinstance(saved.get(s), dict)
+                for k in sorted(set(new[s]) | set(saved[s])) if new[s].get(k) != saved[s].get(k)]
+        raise ConfigError(f"resume: {folder.location} holds a run of another config (differs in "
+                          f"{', '.join(keys[:5] or differing)}); resume with its config or choose another run.dir")
 
 
 def _check(check) -> None:

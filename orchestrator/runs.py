@@ -13,8 +13,11 @@ typed once, here; nothing downstream re-normalises them.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,8 @@ from trainers.package import Lineage
 from trainers.run_folder import RunFolder
 
 CHECKPOINTS = "checkpoints"
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
+"""Where Ray Train V2 records the checkpoints it registered (`<storage>/checkpoints/`, rewritten at each one)."""
 RUN_INFO = "run.json"
 CONFIG = "config.yaml"
 TRAINING_SLICES = ("model", "data", "objective", "trainer", "deepspeed", "pretrained")
@@ -56,6 +61,26 @@ def write_config(folder: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+RESUME_MAY_CHANGE = {"trainer": ("max_steps", "num_workers", "cpus_per_worker", "use_gpu", "placement_strategy",
+                                 "global_batch_size", "log_every", "checkpoint_every", "keep_last", "val_every",
+                                 "val_batches", "val_samples", "val_metric_samples", "stall_alert_s", "max_failures",
+                                 "max_bad_steps", "collective_timeout_s"),
+                     "data": ("num_workers",), "deepspeed": ("zero_stage", "offload_optimizer", "offload_params")}
+"""Keys a resume may change (a longer run, another world size, another cadence); any other training key
+differing from the saved config.yaml means another run (`preflight.check_same_config`)."""
+
+
+def training_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The training slices of a config without the keys a resume may change."""
+    kept = {}
+    for key in TRAINING_SLICES:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in RESUME_MAY_CHANGE.get(key, ())}
+        kept[key] = value
+    return kept
+
+
 def folder_name(location: str) -> str:
     """The last part of a folder path or URL (`s3://b/runs/p1` -> `p1`): run names, W&B names."""
     return location.rstrip("/").rsplit("/", 1)[-1]
@@ -77,12 +102,26 @@ class CheckpointRoot:
         return is_remote(self.location)
 
     def all(self) -> list[Path]:
-        """The checkpoint folders, oldest first (local paths or UPaths)."""
+        """The checkpoints Ray Train registered, oldest first (local paths or UPaths): a folder it never
+        registered (an upload cut short) is not one; without its record, every `step_*` folder is."""
         try:
             found = [p for p in as_path(self.location).iterdir() if p.name.startswith(TAG_PREFIX)]
         except (FileNotFoundError, NotADirectoryError):
             return []
+        registered = self.registered()
+        if registered is not None:
+            found = [p for p in found if p.name in registered]
         return sorted(found, key=lambda p: step_of(p.name))
+
+    def registered(self) -> set[str] | None:
+        """The folder names in Ray Train's own record of the checkpoints it kept (its checkpoint manager
+        snapshot), or None when there is no readable record."""
+        try:
+            state = json.loads((as_path(self.location) / RAY_CHECKPOINT_RECORD).read_text())
+            results = state.get("checkpoint_results") or []
+            return {r["checkpoint_dir_name"] for r in results}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
 
     def latest(self) -> Path | None:
         found = self.all()
@@ -95,6 +134,56 @@ class CheckpointRoot:
     def step(folder: Path | str) -> int:
         """The step of a checkpoint folder (`.../step_00000100` -> 100)."""
         return step_of(Path(str(folder)).name)
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """`<run folder>/.lock` while a run is active in a local run.dir: the holder's pid and host.  A second
+    run on the folder is refused; the lock of a dead pid (a crashed run) is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+
+    def check(self) -> None:
+        """ValueError (one line naming run.dir) when another live process holds the lock."""
+        holder = self.holder()
+        if holder is not None and holder.get("pid") != os.getpid() and _alive(holder):
+            raise ValueError(f"run.dir: {self.path.parent} is in use by pid {holder.get('pid')} on "
+                             f"{holder.get('host')} (delete {self.path} if that run is dead)")
+
+    def acquire(self) -> "RunLock":
+        self.check()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        tmp.replace(self.path)
+        atexit.register(self.release)
+        return self
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if (self.holder() or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(holder: dict) -> bool:
+    """Whether a lock holder still runs (a pid on another host cannot be checked: assumed alive)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 @dataclass
@@ -168,10 +257,17 @@ class Run:
         info.config_sha256, info.pretrained = self.config_sha256, self.pretrained
         info.data_manifest_sha256 = sha256_file(self.manifest.path)
         self.local.mkdir(parents=True, exist_ok=True)
+        if not self.folder.remote:
+            RunLock(self.local).acquire()
         info.save(path)
         write_config(self.local, self.config)
         self.folder.push(RUN_INFO, CONFIG)
         return info
+
+    def release(self) -> None:
+        """Give up the run folder's lock (`open` took it; a process's exit also frees it)."""
+        if not self.folder.remote:
+            RunLock(self.local).release()
 
     def lineage(self, step: int) -> Lineage:
         """The package lineage of this run's weights at `step`."""

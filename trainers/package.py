@@ -64,8 +64,17 @@ def write_package(out_dir: str | Path, model: Seq2SeqModel, *, tokenizer: str | 
     (tmp / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
     shutil.copyfile(tokenizer, tmp / TOKENIZER)
     (tmp / LINEAGE).write_text(json.dumps(dataclasses.asdict(lineage), indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    old = Path(f"{out_dir}.old")  # the previous package stays whole until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -90,7 +90,7 @@ def run_trial(config: dict, *, recipe: TrialRecipe) -> None:
     context = tune.get_context()
     job = trial_job(recipe, flatten(config), trial=f"trial_{context.get_trial_id()}")
     job = dataclasses.replace(job, resume=interrupted(job))
-    run, spec = preflight_training(job, kind="finetune"), train_spec(job)
+    run, spec = preflight_training(job, kind="finetune", finished_ok=True), train_spec(job)
     run.open()
     mailbox = Queue(actor_options={"num_cpus": 0})
     _RUNNING["mailbox"] = mailbox
