@@ -52,6 +52,7 @@ def fit(run: Run, spec: TrainSpec, *, callbacks: tuple = (), on_checkpoint: Call
     t = spec.trainer
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"job": worker_job(run, spec, on_checkpoint=on_checkpoint)},
+        torch_config=torch_config(t),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),
@@ -59,7 +60,17 @@ def fit(run: Run, spec: TrainSpec, *, callbacks: tuple = (), on_checkpoint: Call
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
                              callbacks=list(callbacks)))
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:  # the run folder's lock (taken by run.open) is free again for a resume or an export
+        run.release()
+
+
+def torch_config(t: TrainerConfig):
+    """Ray Train's process-group setup: a lost rank fails a collective after `trainer.collective_timeout_s`."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(timeout_s=t.collective_timeout_s)
 
 
 def worker_job(run: Run, spec: TrainSpec, *, on_checkpoint: Callable[..., Any] | None = None):

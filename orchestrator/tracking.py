@@ -8,6 +8,7 @@ lives in the run folder and in every checkpoint).
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import string
@@ -62,10 +63,23 @@ def open_wandb(cfg: TrackingConfig, *, run_dir: Path, run_id: str | None, name: 
     import wandb
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=cfg.project, entity=cfg.entity, group=group or cfg.group, tags=cfg.tags, name=name,
-                      id=run_id or None, resume="allow" if run_id else None, mode=cfg.resolved_mode(),
-                      dir=str(run_dir), config=config, job_type=job_type,
-                      settings=wandb.Settings(console="off", silent=True))
+
+    def init(mode: str):
+        return wandb.init(project=cfg.project, entity=cfg.entity, group=group or cfg.group, tags=cfg.tags,
+                          name=name, id=run_id or None, resume="allow" if run_id else None, mode=mode,
+                          dir=str(run_dir), config=config, job_type=job_type,
+                          settings=wandb.Settings(console="off", silent=True))
+
+    mode = cfg.resolved_mode()
+    try:
+        return init(mode)
+    except Exception as err:  # W&B unreachable (or refusing the key): the run goes on, logged offline
+        if mode != "online" or "in use" in str(err):  # "in use": init_resumable waits for the old stream
+            raise
+        text = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        print(f"warning: W&B online init failed ({text}); logging offline under {run_dir / 'wandb'} "
+              "(`wandb sync` it later)", file=sys.stderr)
+        return init("offline")
 
 
 def init_resumable(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str, config: dict[str, Any],
@@ -109,6 +123,20 @@ def alert_run(cfg: TrackingConfig, *, run_dir: Path, run_id: str, title: str, te
             run.finish()
 
 
+def parsed_step(line: str, path: Path) -> int | None:
+    """The step of one metrics.jsonl line; None (dropped, with a warning) for a torn line a crash left."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        print(f"warning: {path}: skipping a torn line ({line[:60]!r})", file=sys.stderr)
+        return None
+
+
+def json_value(value: Any) -> Any:
+    """A metric as strict JSON: a non-finite float (NaN, inf) becomes null (W&B still gets the float)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 @dataclass(frozen=True)
 class TrackerSpec:
     """Picklable recipe for rank 0's Tracker (W&B + metrics.jsonl), made inside the worker."""
@@ -141,6 +169,8 @@ class Tracker:
         if self.mode != "disabled":
             self.wandb = init_resumable(cfg, run_dir=self.run_dir, run_id=run_id, name=name, config=config,
                                         job_type=job_type)
+            if getattr(self.wandb, "offline", False):  # an online init that fell back to offline
+                self.mode = "offline"
             if getattr(self.wandb, "url", None):  # online: say where to watch it (sys.stdout: see loop.console)
                 sys.stdout.write(f"W&B run: {self.wandb.url}\n")
                 sys.stdout.flush()
@@ -150,14 +180,17 @@ class Tracker:
         if not self.metrics_path.is_file():
             return
         lines = self.metrics_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        steps = [(ln, parsed_step(ln, self.metrics_path)) for ln in lines if ln.strip()]
+        kept = [ln for ln, at in steps if at is not None and at <= step]
+        if len(kept) != len(lines):  # write, then rename: a crash now leaves the old file whole
+            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(self.metrics_path)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **metrics, "time": time.time()}
+        record = {"step": step, **{k: json_value(v) for k, v in metrics.items()}, "time": time.time()}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

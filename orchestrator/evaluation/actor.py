@@ -346,10 +346,10 @@ class CheckpointLog:
 
     def append(self, row: dict, *, results: EvalResult | None) -> dict:
         row = {**row, "time": time.time()}
+        with open(self.path, "a") as f:  # first: W&B being down must not lose the results
+            f.write(json.dumps(row) + "\n")
         if results is not None:
             self.log_wandb(row["step"], results)
-        with open(self.path, "a") as f:  # last: a line here means the step is done
-            f.write(json.dumps(row) + "\n")
         return row
 
     def status(self, *, step: int, state: str, checkpoint: str = "") -> None:
