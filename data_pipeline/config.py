@@ -9,6 +9,7 @@ from .sources import TASKS
 from .tokenizer import NAMED_SPECIALS, TOKENIZER_TYPES
 
 OVERLONG_POLICIES = ("truncate", "drop")
+FORMATS = ("auto", "text", "lines", "jsonl", "tsv", "parquet", "parallel", "hf")
 VERIFY_MODES = ("sha256", "size")
 OBJECTIVES = ("bart", "t5", "pairs")
 BYTE_ALPHABET = 256
@@ -43,20 +44,54 @@ class BatchConfig:
 
 
 @dataclass
+class FieldsConfig:
+    """Which fields of a JSONL object, a parquet row or an HF dataset row hold the text."""
+
+    src: str = "src"
+    """The source text of a pair (`data.task=pairs`)."""
+    tgt: str = "tgt"
+    """The target text of a pair (`data.task=pairs`)."""
+    text: str = "text"
+    """Monolingual text (`data.task=text` or `restore`); when a row lacks it, `tgt` is used."""
+    doc: str = "doc"
+    """Optional document id: rows sharing it form one document of the split (else `data.doc_lines` rows)."""
+
+
+@dataclass
 class DataConfig:
     # --- what to prepare -----------------------------------------------------
     dir: str = "data/builtin"
     """Prepared-data folder: tokenizer.json, shards/*.tar and manifest.json."""
     sources: list[str] = field(default_factory=list)
-    """Text files, globs or JSONL pair files to prepare; empty = the built-in corpus."""
+    """Files, globs, folders or `s3://`/`gs://` URLs (of any of those) to prepare; empty = the built-in corpus."""
+    format: str = "auto"
+    """How to read the sources: `auto` (by extension), `text` (blank-line paragraphs, a file is a document),
+    `lines` (a sample a line), `jsonl`, `tsv` (source and target columns), `parquet`, `parallel` (line-aligned
+    `sources` and `target_sources`) or `hf` (a folder saved by HF `datasets`, `pip install 'seqfoundry[datasets]'`)."""
+    target_sources: list[str] = field(default_factory=list)
+    """`format=parallel`: the target-side files, line-aligned with `sources` file by file."""
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    """Field names of JSONL, parquet and HF dataset rows."""
+    doc_lines: int = 50
+    """Line-based formats: this many consecutive lines (rows) form one document, the unit of the split,
+    unless rows carry a `fields.doc` value. `text`: a file is a document."""
     task: str = "restore"
     """Samples: `text` (clean text), `restore` (+ source without punctuation/casing) or `pairs` (JSONL src/tgt)."""
     max_documents: int = 0
     """Read at most this many documents (modules, files, JSONL documents); 0 = all."""
     min_words: int = 6
-    """Paragraphs of monolingual text shorter than this are dropped."""
+    """Filter `min_words`: monolingual samples shorter than this are dropped (words, or characters for scripts
+    written without spaces: Chinese, Japanese, Thai, ...)."""
     max_words: int = 120
-    """Longer paragraphs are cut at sentence ends into samples of at most this many words."""
+    """Longer monolingual samples are cut at sentence ends into pieces of at most this many words (characters)."""
+    min_alpha: float = 0.75
+    """Filter `min_alpha`: monolingual samples whose share of letters (any script) among non-space characters
+    is below this are dropped (tables, numbers, markup); 0 keeps all."""
+    drop_code: bool = True
+    """Filter `drop_code`: drop indented blocks and lines that look like code (`>>>`, `$ `, `def `, `class `)."""
+    dedup: bool = True
+    """Filter `dedup`: drop exact duplicates across the whole corpus (case and whitespace ignored), the first
+    occurrence in corpus order kept."""
     sample_tokens: int = 0
     """Text pretraining (`task=text`): join each document's paragraphs and cut its token stream into samples
     of about this many tokens (at most this many; more than half of it except a document's last), at
@@ -68,7 +103,11 @@ class DataConfig:
 
     # --- tokenizer -----------------------------------------------------------
     tokenizer: str = ""
-    """Reuse this tokenizer.json instead of training one (its special ids must match)."""
+    """Use this tokenizer instead of training one: an HF tokenizer.json or a sentencepiece .model (path or URL;
+    `pip install 'seqfoundry[sentencepiece]'`); re-indexed onto the reserved ids, the mapping in the manifest."""
+    tokenizer_sample_bytes: int = 100_000_000
+    """Training a tokenizer reads at most about this many bytes of train-split text: the samples with the
+    smallest content hashes (a deterministic sample of the whole corpus)."""
     tokenizer_type: str = "bpe"
     """Tokenizer to train: `bpe` (byte-level BPE) or `unigram`."""
     vocab_size: int = 8000
@@ -82,7 +121,8 @@ class DataConfig:
     overwrite: bool = False
     """Allow replacing a different dataset already in `dir`."""
     prepare_tasks: int = 0
-    """Ray tokenization tasks in flight during prepare; 0 = two per cluster CPU."""
+    """Ray tasks in flight per prepare stage (read, de-duplicate, tokenize, write); 0 = two per cluster CPU.
+    The output does not depend on it."""
 
     # --- streaming -----------------------------------------------------------
     split: str = "train"
@@ -111,15 +151,11 @@ class DataConfig:
     def _check_prepare(self) -> None:
         _check(bool(self.dir), "dir", "must name a folder")
         _check(self.task in TASKS, "task", f"must be one of {TASKS}, got {self.task!r}")
-        jsonl = [s for s in self.sources if str(s).endswith(".jsonl")]
-        if self.task == "pairs":
-            _check(bool(self.sources) and len(jsonl) == len(self.sources), "sources",
-                   "task 'pairs' needs JSONL files (*.jsonl) with 'src' and 'tgt' fields")
-        else:
-            _check(not jsonl, "task", f"JSONL pair files {jsonl} need data.task=pairs")
+        self._check_format()
         for key in ("max_documents", "prepare_tasks"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("min_words", "max_words", "shard_samples"):
+        _check(0.0 <= self.min_alpha <= 1.0, "min_alpha", f"must be in [0, 1], got {self.min_alpha}")
+        for key in ("min_words", "max_words", "shard_samples", "doc_lines", "tokenizer_sample_bytes"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check(self.sample_tokens >= 0, "sample_tokens", f"must be >= 0, got {self.sample_tokens}")
         if self.sample_tokens:
@@ -133,6 +169,23 @@ class DataConfig:
             _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
         _check(self.valid_fraction + self.test_fraction < 1.0, "valid_fraction",
                "valid_fraction + test_fraction must leave documents for training")
+
+    def _check_format(self) -> None:
+        _check(self.format in FORMATS, "format", f"must be one of {FORMATS}, got {self.format!r}")
+        if self.task == "pairs":
+            _check(bool(self.sources), "sources", "task 'pairs' needs sources with source and target texts "
+                   "(JSONL/parquet src and tgt fields, TSV columns or parallel files)")
+            _check(self.format not in ("text", "lines"), "format",
+                   f"{self.format!r} holds no source/target pairs: task 'pairs' needs jsonl, tsv, parquet, "
+                   "parallel or hf")
+        parallel = self.format == "parallel" or (self.format == "auto" and bool(self.target_sources))
+        if parallel:
+            _check(bool(self.target_sources), "target_sources", "format 'parallel' needs target files")
+            _check(len(self.target_sources) == len(self.sources), "target_sources",
+                   f"needs one entry per data.sources entry ({len(self.sources)}), got {len(self.target_sources)}")
+        else:
+            _check(not self.target_sources, "target_sources", f"only format 'parallel' reads target files, "
+                   f"got data.format={self.format!r}")
 
     def _check_tokenizer(self) -> None:
         _check(self.tokenizer_type in TOKENIZER_TYPES, "tokenizer_type",

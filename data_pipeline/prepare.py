@@ -1,10 +1,14 @@
 """`prepare`: sources → tokenizer.json + WebDataset shards + manifest.json.
 
-Two phases. `plan()` does everything that needs no Ray: read and de-duplicate
-the corpus, split it by document, fingerprint the result and check the target
-folder (so a bad config or a foreign folder fails before any cluster work).
-`run()` trains (or reuses) the tokenizer, tokenizes chunks in parallel with Ray
-tasks and writes the shards in a fixed order with `webdataset.ShardWriter`.
+Two phases. `plan()` does everything that needs no Ray: list and fingerprint
+the sources (for the built-in corpus: read, de-duplicate and split it), check a
+given tokenizer and the target folder (so a bad config or a foreign folder
+fails before any cluster work). `run()` prepares:
+- a user corpus (`data.sources`) with `scale.run_corpus`: reading, filtering,
+  de-duplication, tokenizer sampling, tokenization and shard writing are all
+  Ray tasks, the driver keeps counts and references (see `scale`);
+- the built-in corpus (a few MB, read in `plan`) by tokenizing chunks as Ray
+  tasks and writing the shards in a fixed order with `webdataset.ShardWriter`.
 
 Deterministic: chunks are written in submission order, never completion
 order; tar headers are fixed; the manifest holds no paths outside the folder
@@ -23,20 +27,25 @@ import sys
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from functools import partial
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from tokenizers import Tokenizer
 
 from .chunks import token_chunks
 from .config import DataConfig
+from .formats import ReadSpec, SourceFile, list_sources
+from .filters import TextFilter
+from .scale import EncodeSpec, Runner, report_filters, run_corpus, train_from_sample
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
 from .sources import (SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate,
                       expand_sources, file_documents, source_names, split_documents)
-from .storage import as_path, check_writable, is_remote, mirror_dir, remove_tree, upload
+from .storage import as_path, check_writable, is_remote, local_copy, mirror_dir, remove_tree, upload
 from .tokenizer import (Specials, check_specials, load_tokenizer, sentence_end_ids, sentinel_token,
                         train_tokenizer)
+from .tokenizer_map import load_given_tokenizer
 
 TOKENIZER_NAME = "tokenizer.json"
 SHARDS_DIR = "shards"
@@ -50,13 +59,16 @@ class Plan:
 
     cfg: DataConfig
     folder: Path
-    splits: dict[str, list[Document]]
+    splits: dict[str, list[Document]] | None
+    """The built-in corpus, read and split; None for a user corpus (read by `run`'s tasks)."""
     source: dict
     """Where the documents came from (built-in corpus name, or files with their sha256)."""
     fingerprint: str
     """sha256 of the settings and documents that decide the output bytes."""
     up_to_date: bool
     """The folder already holds this exact dataset, intact."""
+    files: list[SourceFile] | None = None
+    """The user corpus's files, in order (None: the built-in corpus)."""
 
 
 def prepare(cfg: DataConfig, *, progress: bool = True, use_ray: bool = True) -> Manifest:
@@ -69,7 +81,9 @@ def plan(cfg: DataConfig) -> Plan:
     """Read the corpus and check the target; raises ValueError naming the `data.*` key."""
     folder = target_folder(cfg.dir)
     if cfg.tokenizer:
-        reused_tokenizer(cfg.tokenizer)
+        reused_tokenizer(cfg.tokenizer, cfg.num_sentinels)
+    if cfg.sources:
+        return plan_files(cfg, folder)
     docs = collect_documents(cfg)
     if not docs:
         raise ValueError("data.sources: no text left after filtering and de-duplication")
@@ -77,6 +91,46 @@ def plan(cfg: DataConfig) -> Plan:
     source = describe_source(cfg)
     digest = fingerprint(cfg, splits, source)
     return Plan(cfg, folder, splits, source, digest, up_to_date=check_target(folder, digest, cfg.overwrite))
+
+
+def plan_files(cfg: DataConfig, folder: Path) -> Plan:
+    """A user corpus: its files listed and fingerprinted (name, format, content hash), nothing read yet."""
+    try:
+        files = list_sources(cfg.sources, cfg.format, cfg.target_sources)
+    except OSError as err:
+        raise ValueError(f"data.sources: {err}") from None
+    source = {"files": [file_entry(f) for f in files]}
+    if cfg.tokenizer:
+        source["tokenizer_sha256"] = sha256_file(cfg.tokenizer)
+    digest = fingerprint(cfg, {}, source)
+    return Plan(cfg, folder, None, source, digest, check_target(folder, digest, cfg.overwrite), files)
+
+
+def file_entry(f: SourceFile) -> dict:
+    entry = {"path": f.path if is_remote(f.path) else str(Path(f.path).resolve()), "name": f.name,
+             "format": f.format, **content_id(f.path)}
+    if f.target is not None:
+        entry["target"] = {"path": f.target, **content_id(f.target)}
+    return entry
+
+
+def content_id(path: str) -> dict:
+    """sha256 of a local file; the store's ETag (or checksum) and size of an object (not downloaded twice)."""
+    if not is_remote(path):
+        p = Path(path)
+        return {"sha256": sha256_file(p)} if p.is_file() else {"sha256": _tree_sha256(p)}
+    p = as_path(path)
+    info = p.fs.info(p.path)
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or p.fs.checksum(p.path)
+    return {"etag": str(tag).strip('"'), "size": int(info.get("size") or 0)}
+
+
+def _tree_sha256(folder: Path) -> str:
+    """A folder source (an HF datasets folder): sha256 over its files' names and contents."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def target_folder(data_dir: str) -> Path:
@@ -119,21 +173,34 @@ def output_settings(cfg: DataConfig) -> dict:
     settings["tokenizer"] = cfg.tokenizer
     if cfg.sample_tokens:  # only when set: datasets prepared before the key existed keep their fingerprint
         settings["sample_tokens"] = cfg.sample_tokens
+    if cfg.sources:  # the keys of user corpora (the built-in corpus keeps its fingerprint)
+        settings.update(format=cfg.format, target_sources=list(cfg.target_sources), fields=asdict(cfg.fields),
+                        doc_lines=cfg.doc_lines, min_alpha=cfg.min_alpha, drop_code=cfg.drop_code, dedup=cfg.dedup,
+                        tokenizer_sample_bytes=cfg.tokenizer_sample_bytes)
     return settings
 
 
 def fingerprint(cfg: DataConfig, splits: dict[str, list[Document]], source: dict) -> str:
     """sha256 of what decides the output bytes; where the sources lie does not (their names under the
-    source root and their sha256 do), so a moved corpus is recognised as the same dataset."""
+    source root and their content hashes do), so a moved corpus is recognised as the same dataset."""
     settings = {**output_settings(cfg), "sources": [f["name"] for f in source.get("files", [])],
                 "tokenizer": "reused" if cfg.tokenizer else ""}  # the reused tokenizer's sha256 is in `source`
-    located = {**source, "files": [{k: v for k, v in f.items() if k != "path"} for f in source["files"]]} \
-        if "files" in source else source
+    if cfg.sources:
+        settings["target_sources"] = [PurePosixPath(f["target"]["path"]).name for f in source["files"]
+                                      if "target" in f]
+    located = {**source, "files": [_unlocated(f) for f in source["files"]]} if "files" in source else source
     h = hashlib.sha256(json.dumps([FORMAT, settings, located], sort_keys=True).encode())
     for split in SPLITS:
-        for doc in splits[split]:
+        for doc in (splits or {}).get(split, []):
             h.update(json.dumps([split, doc.id, [asdict(r) for r in doc.records]]).encode())
     return h.hexdigest()
+
+
+def _unlocated(f: dict) -> dict:
+    out = {k: v for k, v in f.items() if k != "path"}
+    if "target" in out:
+        out["target"] = {k: v for k, v in out["target"].items() if k != "path"}
+    return out
 
 
 def check_target(folder: Path, digest: str, overwrite: bool) -> bool:
@@ -175,43 +242,107 @@ def run(plan: Plan, *, progress: bool = True, use_ray: bool = True) -> Manifest:
     staging = mirror_dir(plan.folder) / STAGING_DIR if is_remote(plan.folder) else plan.folder / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
     (staging / SHARDS_DIR).mkdir(parents=True)
-    tok, specials = build_tokenizer(plan)
+    if plan.files is not None:
+        return run_files(plan, staging, progress=progress, use_ray=use_ray)
+    tok, specials, mapping = build_tokenizer(plan)
     tok.save(str(staging / TOKENIZER_NAME))
     dtype = ids_dtype(tok.get_vocab_size())
     written = write_splits(plan, tok.to_str(), dtype, staging / SHARDS_DIR, progress=progress, use_ray=use_ray,
                            sentence_ends=specials.sentence_end_ids)
-    data = manifest_data(plan, staging, written, specials, dtype, tok.get_vocab_size())
+    documents = {split: len(plan.splits[split]) for split in SPLITS}
+    data = manifest_data(plan, staging, written, specials, dtype, tok.get_vocab_size(), documents,
+                         {"tokenizer_mapping": mapping} if mapping else None)
     write_manifest(staging / MANIFEST_NAME, data)
     publish(staging, plan.folder)
     return Manifest.load(plan.folder)
 
 
-def build_tokenizer(plan: Plan) -> tuple[Tokenizer, Specials]:
+def run_files(plan: Plan, staging: Path, *, progress: bool, use_ray: bool) -> Manifest:
+    """A user corpus through `scale.run_corpus` (every stage a Ray task with `use_ray`)."""
     cfg = plan.cfg
+    given = reused_tokenizer(cfg.tokenizer, cfg.num_sentinels) if cfg.tokenizer else None
+    sentinels = given[1] if given else cfg.num_sentinels
+    spec = ReadSpec(task=cfg.task, fields=(cfg.fields.src, cfg.fields.tgt, cfg.fields.text, cfg.fields.doc),
+                    doc_lines=cfg.doc_lines, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
+                    text_filter=TextFilter(cfg.min_words, cfg.max_words, cfg.min_alpha, cfg.drop_code))
+
+    def tokenizer(runner: Runner, samples: list) -> str:
+        if given:
+            return given[0].to_str()
+        train = partial(_trained_json, cfg.tokenizer_type, cfg.vocab_size, sentinels)
+        return runner.get(runner.submit(train_from_sample, train, cfg.tokenizer_sample_bytes, *samples))
+
+    def encoding(tok_json: str) -> EncodeSpec:
+        tok = Tokenizer.from_str(tok_json)
+        return EncodeSpec(tok_json, ids_dtype(tok.get_vocab_size()), cfg.shard_samples, cfg.sample_tokens,
+                          sentence_end_ids(tok, sentinels))
+
+    result = run_corpus(plan.files, spec, runner=Runner(use_ray, cfg.prepare_tasks), out=staging / SHARDS_DIR,
+                        max_documents=cfg.max_documents, dedup=cfg.dedup, shard_samples=cfg.shard_samples,
+                        sample_bytes=0 if given else cfg.tokenizer_sample_bytes, tokenizer=tokenizer,
+                        encoding=encoding, progress=progress)
+    tok = Tokenizer.from_str(result.tok_json)
+    if not given:
+        _warn_vocab(cfg, tok)
+    tok.save(str(staging / TOKENIZER_NAME))
+    print(filter_report(result.filters), file=sys.stderr)
+    specials = Specials(sentinels, sentence_end_ids(tok, sentinels))
+    extra = {"filters": result.filters, **({"tokenizer_mapping": given[2]} if given and given[2] else {})}
+    data = manifest_data(plan, staging, result.written, specials, ids_dtype(tok.get_vocab_size()),
+                         tok.get_vocab_size(), result.documents, extra)
+    for split in SPLITS:
+        if getattr(cfg, f"{split}_fraction", 0) > 0 and not data["splits"][split]["num_samples"]:
+            warnings.warn(f"data.{split}_fraction: no document fell in the {split} split (the split is a hash "
+                          "of each document key); add documents or lower data.doc_lines", stacklevel=2)
+    write_manifest(staging / MANIFEST_NAME, data)
+    publish(staging, plan.folder)
+    return Manifest.load(plan.folder)
+
+
+def _trained_json(kind: str, vocab_size: int, num_sentinels: int, texts: list[str]) -> str:
+    return train_tokenizer(texts, kind=kind, vocab_size=vocab_size, num_sentinels=num_sentinels).to_str()
+
+
+def _warn_vocab(cfg: DataConfig, tok: Tokenizer) -> None:
+    if tok.get_vocab_size() != cfg.vocab_size:
+        warnings.warn(f"data.vocab_size: the corpus gave {tok.get_vocab_size()} tokens, not "
+                      f"{cfg.vocab_size}; the manifest records the real size", stacklevel=3)
+
+
+def filter_report(filters: dict) -> str:
+    """One console line: samples read, dropped by each filter, kept."""
+    dropped = ", ".join(f"{k} {v}" for k, v in filters["dropped"].items() if v) or "none"
+    return f"prepare: {filters['read']} samples read; dropped: {dropped}; {filters['kept']} kept"
+
+
+def build_tokenizer(plan: Plan) -> tuple[Tokenizer, Specials, dict | None]:
+    cfg = plan.cfg
+    mapping = None
     if cfg.tokenizer:
-        tok, num_sentinels = reused_tokenizer(cfg.tokenizer)
+        tok, num_sentinels, mapping = reused_tokenizer(cfg.tokenizer, cfg.num_sentinels)
     else:
         num_sentinels = cfg.num_sentinels
         texts = (t for doc in plan.splits["train"] for rec in doc.records for t in (rec.src, rec.tgt) if t)
         tok = train_tokenizer(texts, kind=cfg.tokenizer_type, vocab_size=cfg.vocab_size, num_sentinels=num_sentinels)
-        if tok.get_vocab_size() != cfg.vocab_size:
-            warnings.warn(f"data.vocab_size: the corpus gave {tok.get_vocab_size()} tokens, not "
-                          f"{cfg.vocab_size}; the manifest records the real size", stacklevel=2)
-    return tok, Specials(num_sentinels, sentence_end_ids(tok, num_sentinels))
+        _warn_vocab(cfg, tok)
+    return tok, Specials(num_sentinels, sentence_end_ids(tok, num_sentinels)), mapping
 
 
-def reused_tokenizer(path: str) -> tuple[Tokenizer, int]:
-    """A given tokenizer.json and its sentinel count; ValueError unless its reserved ids are ours."""
-    try:
-        tok = load_tokenizer(path)
-    except Exception as err:  # tokenizers raises its own Exception type for unreadable files
-        raise ValueError(f"data.tokenizer: cannot load {path}: {err}") from None
-    num_sentinels = count_sentinels(tok)
-    try:
-        check_specials(tok, num_sentinels)
-    except ValueError as err:
-        raise ValueError(f"data.tokenizer: {path}: {str(err).split(': ', 1)[1]}") from None
-    return tok, num_sentinels
+def reused_tokenizer(path: str, num_sentinels: int) -> tuple[Tokenizer, int, dict | None]:
+    """A given tokenizer, its sentinel count and the id mapping (None when its reserved ids already are ours:
+    the file is used as it is); ValueError naming `data.tokenizer`."""
+    if str(path).endswith(".json"):
+        try:
+            tok = load_tokenizer(local_copy(path))
+        except Exception as err:  # tokenizers raises its own Exception type for unreadable files
+            raise ValueError(f"data.tokenizer: cannot load {path}: {err}") from None
+        sentinels = count_sentinels(tok)
+        try:
+            check_specials(tok, sentinels)
+            return tok, sentinels, None
+        except ValueError:
+            pass  # specials elsewhere: re-indexed below
+    return load_given_tokenizer(path, num_sentinels)
 
 
 def count_sentinels(tok: Tokenizer) -> int:
@@ -303,13 +434,13 @@ def tokenize_chunk(tok_json: str, rows: list[Row], dtype: str, sample_tokens: in
 
 
 def manifest_data(plan: Plan, staging: Path, written: dict[str, list[WrittenShard]], specials: Specials,
-                  dtype: str, vocab_size: int) -> dict:
+                  dtype: str, vocab_size: int, documents: dict[str, int], extra: dict | None = None) -> dict:
     shards = [{"path": f"{SHARDS_DIR}/{w.path.name}", "split": split, "samples": w.samples, "tokens": w.tokens,
                "bytes": w.path.stat().st_size, "sha256": sha256_file(w.path)}
               for split in SPLITS for w in written.get(split, [])]
     splits = {split: {"num_samples": sum(s["samples"] for s in shards if s["split"] == split),
                       "num_tokens": sum(s["tokens"] for s in shards if s["split"] == split),
-                      "num_documents": len(plan.splits[split]),
+                      "num_documents": documents[split],
                       "num_shards": sum(s["split"] == split for s in shards)} for split in SPLITS}
     return {
         "format": FORMAT,
@@ -324,6 +455,7 @@ def manifest_data(plan: Plan, staging: Path, written: dict[str, list[WrittenShar
         "num_tokens": sum(s["num_tokens"] for s in splits.values()),
         "splits": splits,
         "shards": shards,
+        **(extra or {}),
         "source": plan.source,
         "config": output_settings(plan.cfg),
         "fingerprint": plan.fingerprint,

@@ -54,6 +54,25 @@ def encode_sample(key: str, fields: dict[str, np.ndarray], dtype: str) -> dict:
     return out
 
 
+END_OF_ARCHIVE = bytes(2 * BLOCK)
+
+
+def tar_sample(key: str, fields: dict[str, np.ndarray], dtype: str) -> bytes:
+    """One sample as plain USTAR tar members (`<key>.<field>.<u16|u32>`, the headers `SplitWriter` writes:
+    mtime 0, owner `seqfoundry`, mode 0444), without the end-of-archive marker: samples and pieces of
+    samples concatenate into a shard, which `END_OF_ARCHIVE` closes."""
+    out = bytearray()
+    for name, data in encode_sample(key, fields, dtype).items():
+        if name == "__key__":
+            continue
+        info = tarfile.TarInfo(f"{key}.{name}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "seqfoundry"
+        out += info.tobuf(format=tarfile.USTAR_FORMAT)
+        out += data + bytes(-len(data) % BLOCK)
+    return bytes(out)
+
+
 @dataclass
 class WrittenShard:
     path: Path

@@ -126,11 +126,14 @@ def test_reusing_a_tokenizer_keeps_its_ids(prepared, tmp_path):
                 progress=False, use_ray=False)
     assert (m.folder / "tokenizer.json").read_bytes() == prepared.tokenizer_path.read_bytes()
     assert m.data["fields"] == ["tgt"] and m.data["specials"]["num_sentinels"] == 8
-    bad = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
-    bad.pre_tokenizer = pre_tokenizers.Whitespace()
-    bad.save(str(tmp_path / "bad.json"))
-    with pytest.raises(ValueError, match="data.tokenizer: .*'<pad>' must have id 0"):
-        prepare(tiny(tmp_path / "x", tokenizer=str(tmp_path / "bad.json")), progress=False, use_ray=False)
+    # Issue 12: a tokenizer whose specials sit elsewhere is re-indexed onto the reserved ids (it was refused).
+    other = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.save(str(tmp_path / "other.json"))
+    m = prepare(tiny(tmp_path / "x", tokenizer=str(tmp_path / "other.json")), progress=False, use_ray=False)
+    tok = load_tokenizer(m.tokenizer_path)
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>", "a")] == [0, 1, 2, 3, 4 + 8 + 1]
+    assert m.data["tokenizer_mapping"]["moved"] == [[0, 13, 1]]
 
 
 def test_jsonl_pairs_prepare_into_src_tgt_samples(tmp_path):
@@ -149,7 +152,9 @@ def test_jsonl_pairs_prepare_into_src_tgt_samples(tmp_path):
     (dict(vocab_size=100), "data.vocab_size"), (dict(task="poems"), "data.task"),
     (dict(tokenizer_type="wordpiece"), "data.tokenizer_type"), (dict(valid_fraction=0.6, test_fraction=0.5),
                                                                 "data.valid_fraction"),
-    (dict(task="pairs"), "data.sources"), (dict(sources=["x.jsonl"]), "data.task"),
+    (dict(task="pairs"), "data.sources"), (dict(format="csv"), "data.format"),
+    (dict(task="pairs", sources=["x.txt"], format="lines"), "data.format"),
+    (dict(target_sources=["x.en"]), "data.target_sources"),
     (dict(remainder="wrap"), "data.remainder"), (dict(shard_samples=0), "data.shard_samples"),
 ])
 def test_bad_data_config_names_the_key(overrides, key):

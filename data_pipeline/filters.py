@@ -1,0 +1,119 @@
+"""Filters for monolingual text in any script, each a `data.*` key, each counted.
+
+A sample of monolingual text (`data.task=text` or `restore`) passes, in order:
+
+    drop_code   not an indented block, no line starting with `>>>`, `...`, `$ `, `def `, `class `
+    min_alpha   letters (Unicode categories L and M, any script) >= min_alpha of its non-space characters
+    min_words   length >= min_words, in *units*: whitespace words, plus one unit per character of a
+                script written without spaces (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar,
+                Tibetan), so that a Chinese line is measured in characters and an English one in words
+
+Longer texts are cut at sentence ends (`.!?` followed by a space; `。！？` anywhere) into pieces of at most
+`max_words` units. Nothing looks at letter case, so lower-cased text, digit-initial lines, Arabic and
+Chinese pass alike. Pairs (`data.task=pairs`) are only checked for emptiness. `dedup` (exact duplicates
+across the corpus) is counted by the prepare stage that sees the whole corpus.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+
+FILTERS = ("empty", "drop_code", "min_alpha", "min_words", "dedup")
+"""Every counted reason a sample is dropped, each named after its `data.*` key (`empty`: no text at all)."""
+_NO_SPACE_SCRIPTS = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x0F00, 0x0FFF),  # Tibetan
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0x20000, 0x2FFFF),  # CJK extensions B-F
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
+_CODE_STARTS = (">>>", "...", "$ ", "def ", "class ")
+
+
+@dataclass(frozen=True)
+class TextFilter:
+    """The `data.*` filter settings for monolingual text."""
+
+    min_words: int = 6
+    max_words: int = 120
+    min_alpha: float = 0.75
+    drop_code: bool = True
+
+
+_NO_SPACE = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _NO_SPACE_SCRIPTS)
+_UNIT = re.compile(f"[{_NO_SPACE}]|[^\\s{_NO_SPACE}]+")  # one character of those scripts, or a word
+
+
+def no_space_char(c: str) -> bool:
+    code = ord(c)
+    return any(lo <= code <= hi for lo, hi in _NO_SPACE_SCRIPTS)
+
+
+def text_units(text: str) -> int:
+    """Length in words, each character of a script written without spaces counting as one word."""
+    return sum(1 for _ in _UNIT.finditer(text))
+
+
+def alpha_share(text: str) -> float:
+    chars = [c for c in text if not c.isspace()]
+    letters = sum(unicodedata.category(c)[0] in "LM" for c in chars)
+    return letters / len(chars) if chars else 0.0
+
+
+def looks_like_code(block: str) -> bool:
+    if block.strip() and block.lstrip("\n")[0].isspace():
+        return True  # an indented block: a code sample, grammar rule or listing
+    return any(line.lstrip().startswith(_CODE_STARTS) for line in block.splitlines())
+
+
+def rejected_by(block: str, f: TextFilter) -> str | None:
+    """The first filter that drops `block` (raw text, before whitespace is normalized), or None."""
+    text = " ".join(block.split())
+    if not text:
+        return "empty"
+    if f.drop_code and looks_like_code(block):
+        return "drop_code"
+    if alpha_share(text) < f.min_alpha:
+        return "min_alpha"
+    if text_units(text) < f.min_words:
+        return "min_words"
+    return None
+
+
+def cut(text: str, max_units: int) -> list[str]:
+    """`text` cut at sentence ends into pieces of at most `max_units` units (a long sentence truncated);
+    sentences joined into one piece keep the spacing they had."""
+    bounds = [0, *(m.end() for m in _SENTENCE_END.finditer(text) if 0 < m.end() < len(text)), len(text)]
+    pieces: list[tuple[int, int]] = []  # (start, end) in `text`
+    units = 0
+    for start, end in zip(bounds, bounds[1:]):
+        n = text_units(text[start:end])
+        if pieces and units + n <= max_units:
+            pieces[-1] = (pieces[-1][0], end)
+            units += n
+        else:
+            pieces.append((start, end))
+            units = n
+    return [_truncate(text[a:b].strip(), max_units) for a, b in pieces]
+
+
+def _truncate(text: str, max_units: int) -> str:
+    ends = [m.end() for m in _UNIT.finditer(text)]
+    return text if len(ends) <= max_units else text[:ends[max_units - 1]]
+
+
+def filter_text(block: str, f: TextFilter, drops: Counter) -> list[str]:
+    """The pieces of `block` that pass `f`; the reason of a drop is counted in `drops`."""
+    reason = rejected_by(block, f)
+    if reason:
+        drops[reason] += 1
+        return []
+    return cut(" ".join(block.split()), f.max_words)

@@ -1,0 +1,362 @@
+"""User corpora: which files `data.sources` names, how each is read, and which split a sample falls in.
+
+Entries of `data.sources` are files, globs (`**` recursive), folders (every non-hidden file under them,
+or one HF `datasets` folder) or `s3://`/`gs://` URLs of any of those (read through `storage.as_path`).
+A file's *name* is its path relative to its entry's base (the folder of a file, the folder itself, a glob's
+part before its first wildcard), so it does not depend on where the corpus lies nor on other entries:
+adding files never renames, hence never re-splits, existing ones.
+
+Every reader yields `Item(group, src, text)` rows; `records` turns them into samples: filtered
+(`filters`), keyed by document and assigned to a split by `split_of(document key)`, a pure function.
+A document is a whole file (`text`), the rows sharing a `fields.doc` value, or else a group of
+`doc_lines` consecutive lines (rows) of one file.
+
+`.gz`, `.bz2`, `.xz` and `.zst` files are decompressed as they are read (`.zst` needs `zstandard`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import IO, Iterator, NamedTuple
+
+from .filters import TextFilter, filter_text
+from .sources import restore_source
+from .storage import as_path, is_remote
+
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+FORMAT_OF_SUFFIX = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
+                    ".ndjson": "jsonl", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_WILDCARDS = "*?["
+
+
+class Item(NamedTuple):
+    group: str
+    """The document within the file ('' for a whole-file document)."""
+    src: str | None
+    text: str
+
+
+class Record(NamedTuple):
+    pos: int
+    """Index of the sample in its file (after the filters): with the file's index, its identity."""
+    doc: str
+    split: str
+    src: str | None
+    tgt: str
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    """Local path or URL."""
+    name: str
+    """Path relative to its `data.sources` entry's base (document keys use it)."""
+    format: str
+    target: str | None = None
+    """`parallel`: the line-aligned target file."""
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What a reading task needs to know (picklable, no DictConfig)."""
+
+    task: str
+    fields: tuple[str, str, str, str] = ("src", "tgt", "text", "doc")
+    doc_lines: int = 50
+    text_filter: TextFilter = field(default_factory=TextFilter)
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+# --- listing ---------------------------------------------------------------------------
+
+
+def list_sources(sources: list[str], fmt: str, targets: list[str] = ()) -> list[SourceFile]:
+    """The files `sources` names, entry by entry, each entry's files sorted; ValueError naming the entry."""
+    out: list[SourceFile] = []
+    for i, entry in enumerate(sources):
+        found = _expand(entry)
+        if fmt == "parallel" or (fmt == "auto" and targets):
+            tgt = _expand(targets[i])
+            if len(tgt) != len(found):
+                raise ValueError(f"data.target_sources: {targets[i]!r} names {len(tgt)} files, "
+                                 f"data.sources {entry!r} names {len(found)}")
+            out += [SourceFile(p, n, "parallel", t) for (p, n), (t, _) in zip(found, tgt)]
+        else:
+            out += [SourceFile(p, n, resolve_format(p, fmt)) for p, n in found]
+    return out
+
+
+def _expand(entry: str) -> list[tuple[str, str]]:
+    """(path, name) of every file of one entry."""
+    found = _expand_remote(entry) if is_remote(entry) else _expand_local(os.path.expanduser(entry))
+    if not found:
+        raise ValueError(f"data.sources: no file matches {entry!r}")
+    return found
+
+
+def _expand_local(entry: str) -> list[tuple[str, str]]:
+    if any(c in entry for c in _WILDCARDS):
+        files = [m for m in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(m) or is_hf_folder(m)]
+        return [(m, os.path.relpath(m, _glob_base(entry)).replace(os.sep, "/")) for m in files]
+    if os.path.isdir(entry) and not is_hf_folder(entry):
+        files = sorted(os.path.join(d, f) for d, dirs, names in os.walk(entry)
+                       for f in names if not f.startswith(".") and not _hidden_dir(os.path.relpath(d, entry)))
+        return [(f, os.path.relpath(f, entry).replace(os.sep, "/")) for f in files]
+    if os.path.exists(entry):
+        return [(entry, os.path.basename(os.path.normpath(entry)))]
+    return []
+
+
+def _hidden_dir(rel: str) -> bool:
+    return any(part.startswith(".") and part != "." for part in rel.split(os.sep))
+
+
+def _glob_base(pattern: str) -> str:
+    parts = pattern.split("/")
+    fixed = next(i for i, p in enumerate(parts) if any(c in p for c in _WILDCARDS))
+    return "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else ".")
+
+
+def _expand_remote(entry: str) -> list[tuple[str, str]]:
+    root = as_path(entry)
+    fs, scheme = root.fs, entry.split("://", 1)[0]
+    if any(c in entry for c in _WILDCARDS):
+        base = _glob_base(root.path)
+        paths = [p for p in sorted(fs.glob(root.path)) if fs.isfile(p)]
+    elif fs.isdir(root.path) and not is_hf_folder(entry):
+        base = root.path.rstrip("/")
+        paths = [p for p in sorted(fs.find(root.path)) if not PurePosixPath(p).name.startswith(".")]
+    elif fs.exists(root.path):
+        base, paths = str(PurePosixPath(root.path).parent), [root.path]
+    else:
+        return []
+    return [(f"{scheme}://{p}", str(PurePosixPath(p).relative_to(base))) for p in paths]
+
+
+def is_hf_folder(path: str) -> bool:
+    p = as_path(path)
+    return p.is_dir() and any((p / m).is_file() for m in HF_MARKERS)
+
+
+def resolve_format(path: str, fmt: str) -> str:
+    """`fmt`, or for `auto` the format of the path's extension (compression suffix ignored; else `text`)."""
+    if fmt != "auto":
+        return fmt
+    if is_hf_folder(path):
+        return "hf"
+    suffix = PurePosixPath(_strip_compression(path)).suffix.lower()
+    return FORMAT_OF_SUFFIX.get(suffix, "text")
+
+
+def _strip_compression(path: str) -> str:
+    return next((path[:-len(s)] for s in COMPRESSIONS if path.lower().endswith(s)), path)
+
+
+# --- opening -------------------------------------------------------------------------------
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """`path` (local or URL) opened for reading, decompressed by its suffix."""
+    raw = as_path(path).open("rb")
+    lower = path.lower()
+    if lower.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if lower.endswith(".bz2"):
+        return bz2.BZ2File(raw)
+    if lower.endswith(".xz"):
+        return lzma.LZMAFile(raw)
+    if lower.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raw.close()
+            raise ValueError(f"data.sources: {path}: reading .zst needs zstandard "
+                             "(pip install 'seqfoundry[zstd]')") from None
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return raw
+
+
+def open_text(path: str) -> IO[str]:
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors="replace")
+
+
+# --- readers: file → Items -------------------------------------------------------------------
+
+
+def read_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    readers = {"text": _text_items, "lines": _line_items, "jsonl": _jsonl_items, "tsv": _tsv_items,
+               "parquet": _parquet_items, "parallel": _parallel_items, "hf": _hf_items}
+    if src.format not in readers:
+        raise ValueError(f"data.format: cannot read {src.path} as {src.format!r}")
+    return readers[src.format](src, spec)
+
+
+def _text_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    """Blank-line separated paragraphs, streamed; the file is one document."""
+    block: list[str] = []
+    with open_text(src.path) as f:
+        for line in f:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield Item("", None, "".join(block))
+                block = []
+    if block:
+        yield Item("", None, "".join(block))
+
+
+def _line_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    with open_text(src.path) as f:
+        for i, line in enumerate(f):
+            yield Item(str(i // spec.doc_lines), None, line.rstrip("\n"))
+
+
+def _jsonl_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    with open_text(src.path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"data.sources: {src.path}:{i + 1} is not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"data.sources: {src.path}:{i + 1} is not a JSON object")
+            yield _row_item(row, i, spec, f"{src.path}:{i + 1}")
+
+
+def _row_item(row: dict, index: int, spec: ReadSpec, where: str) -> Item:
+    """An Item from a JSONL/parquet/HF row, through the `data.fields` mapping."""
+    f_src, f_tgt, f_text, f_doc = spec.fields
+    group = f"{f_doc}={row[f_doc]}" if row.get(f_doc) is not None else str(index // spec.doc_lines)
+    if spec.task == "pairs":
+        if f_src not in row or f_tgt not in row:
+            raise ValueError(f"data.fields: {where} needs {f_src!r} and {f_tgt!r} fields "
+                             "(data.fields.src, data.fields.tgt)")
+        return Item(group, _str(row[f_src]), _str(row[f_tgt]))
+    key = f_text if f_text in row else f_tgt
+    if key not in row:
+        raise ValueError(f"data.fields: {where} has no {f_text!r} field (data.fields.text)")
+    return Item(group, None, _str(row[key]))
+
+
+def _str(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _tsv_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    """Tab-separated source and target columns (no quoting); monolingual tasks read the target column."""
+    with open_text(src.path) as f:
+        for i, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
+            if not any(c.strip() for c in cols):
+                continue
+            if spec.task == "pairs" and len(cols) < 2:
+                raise ValueError(f"data.sources: {src.path}:{i + 1} needs a source and a target column")
+            yield Item(str(i // spec.doc_lines), cols[0] if spec.task == "pairs" else None, cols[min(1, len(cols) - 1)])
+
+
+def _parallel_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    with open_text(src.path) as fs, open_text(src.target) as ft:
+        for i, (s, t) in enumerate(_aligned(fs, ft, src)):
+            yield Item(str(i // spec.doc_lines), s.rstrip("\n") if spec.task == "pairs" else None, t.rstrip("\n"))
+
+
+def _aligned(fs: IO[str], ft: IO[str], src: SourceFile) -> Iterator[tuple[str, str]]:
+    end = object()
+    for n, (s, t) in enumerate(zip(_with_end(fs, end), _with_end(ft, end))):
+        if s is end or t is end:
+            if s is not t:
+                raise ValueError(f"data.target_sources: {src.target} and {src.path} are not line-aligned "
+                                 f"(one ends at line {n})")
+            return
+        yield s, t
+
+
+def _with_end(f: IO[str], end: object) -> Iterator:
+    yield from f
+    yield end
+
+
+def _parquet_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    with as_path(src.path).open("rb") as raw:
+        table = pq.ParquetFile(raw)
+        wanted = [c for c in spec.fields if c in table.schema_arrow.names]
+        index = 0
+        for batch in table.iter_batches(batch_size=4096, columns=wanted):
+            for row in batch.to_pylist():
+                yield _row_item(row, index, spec, f"{src.path} row {index}")
+                index += 1
+
+
+def _hf_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    """A folder saved by HF `datasets` (`save_to_disk`); a DatasetDict's splits in name order."""
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise ValueError(f"data.sources: {src.path} is an HF datasets folder: reading it needs datasets "
+                         "(pip install 'seqfoundry[datasets]')") from None
+    loaded = load_from_disk(str(src.path))
+    parts = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, DatasetDict) else [loaded]
+    index = 0
+    for part in parts:
+        for batch in part.iter(batch_size=1024):
+            for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                yield _row_item(row, index, spec, f"{src.path} row {index}")
+                index += 1
+
+
+# --- Items → filtered records with document keys and splits ------------------------------------
+
+
+def split_of(doc: str, valid_fraction: float, test_fraction: float) -> str:
+    """The split of document `doc`: a pure function of its key, so adding documents moves none."""
+    u = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
+    return "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
+
+
+def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1) -> Iterator[Record]:
+    """The samples of one file after the filters (drops counted by filter); at most `max_docs` documents
+    (in order of first appearance) when >= 0."""
+    pos = 0
+    docs: dict[str, str] = {}  # document key → split
+    for item in read_items(src, spec):
+        doc = f"{src.name}:{item.group}" if item.group else src.name
+        if doc not in docs:
+            if len(docs) == max_docs:
+                continue
+            docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
+        drops["read"] += 1
+        for s, t in _samples(item, spec, drops):
+            yield Record(pos, doc, docs[doc], s, t)
+            pos += 1
+
+
+def _samples(item: Item, spec: ReadSpec, drops: Counter) -> list[tuple[str | None, str]]:
+    if spec.task == "pairs":
+        s, t = " ".join(item.src.split()), " ".join(item.text.split())
+        if not (s and t):
+            drops["empty"] += 1
+            return []
+        return [(s, t)]
+    pieces = filter_text(item.text, spec.text_filter, drops)
+    if spec.task != "restore":
+        return [(None, p) for p in pieces]
+    pairs = [(restore_source(p), p) for p in pieces]
+    if not all(s for s, _ in pairs):
+        drops["empty"] += sum(not s for s, _ in pairs)
+    return [(s, p) for s, p in pairs if s]

@@ -1,0 +1,492 @@
+"""Prepare a user corpus as Ray tasks; the driver keeps counts, object references and the manifest.
+
+    scan     one task a file: read, filter, split; returns counts, a (hash, position) array for the
+             de-duplication, and the file's bottom-k sample for the tokenizer (by content hash)
+    dedup    one task a hash partition (hash mod P): sorts its entries by (hash, file, position) and
+             drops all but the first of each hash; returns the dropped (file, position) pairs
+    train    one task (when no tokenizer is given): the globally smallest content hashes whose text
+             adds up to `data.tokenizer_sample_bytes`, in hash order
+    encode   one streaming task a file: reads the file again, drops the duplicates, tokenizes in batches
+             and yields pieces of at most `shard_samples` samples of one split (tar bytes + offsets)
+    write    one task a shard, on the driver's node: the slices of pieces that make samples
+             [k·S, (k+1)·S) of a split, concatenated and closed into `<split>-<k>.tar`
+
+Every result is a function of the files and the config: file order, position in the file and content
+hashes decide everything, never how many tasks ran or which finished first. Shard boundaries are cut in
+the global sample order of each split (files in order), as pieces arrive in that order. The driver's
+memory holds object references, one counter row per file and at most a shard's worth of pieces a split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from array import array
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .chunks import token_chunks
+from .filters import FILTERS
+from .formats import ReadSpec, Record, SourceFile, records
+from .shards import END_OF_ARCHIVE, WrittenShard, sha256_file, tar_sample
+from .sources import SPLITS
+
+HASH_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<u8"), ("split", "u1")])
+DROP_DTYPE = np.dtype([("file", "<u4"), ("pos", "<u8")])
+ENCODE_BATCH = 1024
+PARTITION_ENTRIES = 4_000_000
+"""About how many hashes one dedup task sorts (~100 MB): the partition count follows the corpus size."""
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    tok_json: str
+    dtype: str
+    shard_samples: int
+    sample_tokens: int = 0
+    sentence_ends: tuple[int, ...] = ()
+
+
+@dataclass
+class ScanSummary:
+    samples: list[int]
+    """Samples kept by the filters, per split (SPLITS order)."""
+    documents: list[int]
+    drops: dict[str, int]
+    read: int
+    """Samples offered to the filters."""
+
+
+# --- running stage functions as Ray tasks or in this process -----------------------------------------
+
+
+class Runner:
+    """Submits stage functions as Ray tasks (or calls them here); `get` gives the same values either way."""
+
+    def __init__(self, use_ray: bool, max_tasks: int = 0):
+        self.use_ray = use_ray
+        if use_ray:
+            import ray
+
+            self.ray = ray
+            self.tasks = max_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+            self.node = ray.get_runtime_context().get_node_id()
+        else:
+            self.tasks = max_tasks or 1
+
+    def submit(self, fn: Callable, *args, num_returns: Any = 1, here: bool = False):
+        if not self.use_ray:
+            out = fn(*args)
+            return out if num_returns != "streaming" else iter(out)
+        options: dict = {"num_returns": num_returns, "max_retries": 1}
+        if here:  # files are written on the driver's node (its local staging folder)
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.node, soft=False)
+        return self.ray.remote(fn).options(**options).remote(*args)
+
+    def get(self, ref):
+        if not self.use_ray:
+            return ref
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, ValueError):  # a data.* message from a task: one line, not a traceback
+                raise ValueError(str(err.cause)) from None
+            raise
+
+    def windowed(self, fn: Callable, jobs: list[tuple], **kw) -> Iterator:
+        """`fn(*job)` for every job, at most `self.tasks` in flight; results (refs) in job order."""
+        window: list = []
+        for job in jobs:
+            window.append(self.submit(fn, *job, **kw))
+            if len(window) >= self.tasks:
+                yield window.pop(0)
+        yield from window
+
+
+def bar(desc: str, total: int | None, unit: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"prepare: {desc}", unit=unit, disable=not progress, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+# --- scan ------------------------------------------------------------------------------------------
+
+
+def content_hash(rec: Record) -> tuple[int, int]:
+    """128-bit hash of the text, case and whitespace ignored (what de-duplication compares)."""
+    norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold()
+    d = hashlib.blake2b(norm.encode(), digest_size=16).digest()
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+
+
+class BottomK:
+    """The train texts with the smallest content hashes, at most `budget` bytes: a prefix of the hash
+    order, so a global prefix can be merged from per-file ones whatever the number of files."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes, self.heap, self.seen = budget, 0, [], set()
+        self.limit: tuple[int, int] | None = None  # the smallest hash ever evicted: nothing above it may enter
+
+    def add(self, h: tuple[int, int], texts: tuple[str, ...]) -> None:
+        if h in self.seen or (self.limit is not None and h >= self.limit):
+            return
+        size = sum(len(t.encode()) for t in texts)
+        heapq.heappush(self.heap, ((-h[0], -h[1]), texts, size))
+        self.seen.add(h)
+        self.bytes += size
+        while self.bytes > self.budget:
+            (a, b), _, gone = heapq.heappop(self.heap)
+            self.limit = (-a, -b) if self.limit is None else min(self.limit, (-a, -b))
+            self.seen.discard((-a, -b))
+            self.bytes -= gone
+
+    def items(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
+        return sorted(((-a, -b), t, n) for (a, b), t, n in self.heap)
+
+
+def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int):
+    """Stage `scan` (3 returns): ScanSummary, the (hash, position, split) array, the tokenizer sample."""
+    drops: Counter = Counter()
+    samples, docs = [0, 0, 0], [set(), set(), set()]
+    sample = BottomK(sample_bytes)
+    cols = [array("Q"), array("Q"), array("Q"), array("B")]  # hi, lo, pos, split: 25 bytes a sample
+    for rec in records(src, spec, drops, max_docs=max_docs):
+        s = SPLITS.index(rec.split)
+        samples[s] += 1
+        docs[s].add(rec.doc)
+        h = content_hash(rec)
+        for col, value in zip(cols, (*h, rec.pos, s)):
+            col.append(value)
+        if rec.split == "train" and sample_bytes:
+            sample.add(h, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt))
+    read = drops.pop("read", 0)
+    summary = ScanSummary(samples, [len(d) for d in docs], dict(drops), read)
+    table = np.zeros(len(cols[0]), HASH_DTYPE)
+    for name, col in zip(HASH_DTYPE.names, cols):
+        table[name] = np.frombuffer(col, dtype=table.dtype[name]) if len(col) else 0
+    return summary, table, sample.items()
+
+
+# --- dedup ------------------------------------------------------------------------------------------
+
+
+def dedup_partition(part: int, parts: int, *hashes: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Stage `dedup`: the (file, position) of every duplicate of partition `part`, sorted, and their count
+    per split. The first occurrence (lowest file, then position) of a hash is kept."""
+    chunks = []
+    for i, arr in enumerate(hashes):
+        sel = arr[arr["lo"] % parts == part]
+        chunks.append((sel, np.full(len(sel), i, dtype="<u4")))
+    if not chunks or not sum(len(c[0]) for c in chunks):
+        return np.zeros(0, DROP_DTYPE), [0, 0, 0]
+    entries = np.concatenate([c[0] for c in chunks])
+    files = np.concatenate([c[1] for c in chunks])
+    order = np.lexsort((entries["pos"], files, entries["lo"], entries["hi"]))
+    e, f = entries[order], files[order]
+    dup = np.zeros(len(e), dtype=bool)
+    dup[1:] = (e["hi"][1:] == e["hi"][:-1]) & (e["lo"][1:] == e["lo"][:-1])
+    drops = np.zeros(int(dup.sum()), DROP_DTYPE)
+    drops["file"], drops["pos"] = f[dup], e["pos"][dup]
+    drops.sort(order=["file", "pos"])
+    return drops, np.bincount(e["split"][dup], minlength=3).tolist()
+
+
+def dropped_positions(file_index: int, drop_arrays: tuple[np.ndarray, ...]) -> set[int]:
+    out: set[int] = set()
+    for arr in drop_arrays:
+        lo, hi = np.searchsorted(arr["file"], [file_index, file_index + 1])
+        out.update(arr["pos"][lo:hi].tolist())
+    return out
+
+
+# --- tokenizer sample -------------------------------------------------------------------------------
+
+
+def merged_sample(budget: int, *samples: list) -> list[str]:
+    """The global bottom-k of the per-file samples: texts in hash order, at most `budget` bytes."""
+    out, used, seen = [], 0, set()
+    for h, texts, size in heapq.merge(*samples):
+        if h in seen:
+            continue
+        if used + size > budget:
+            break
+        seen.add(h)
+        used += size
+        out.extend(texts)
+    return out
+
+
+def train_from_sample(train: Callable[[list[str]], str], budget: int, *samples: list) -> str:
+    """Stage `train`: tokenizer.json trained on the merged sample (`train` maps texts to its JSON)."""
+    return train(merged_sample(budget, *samples))
+
+
+# --- encode -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Piece:
+    """Consecutive samples of one split of one file, as tar bytes (no end marker)."""
+
+    split: str
+    data: bytearray = field(default_factory=bytearray)
+    offsets: list[int] = field(default_factory=lambda: [0])
+    tokens: list[int] = field(default_factory=list)
+
+    def add(self, member: bytes, n_tokens: int) -> None:
+        self.data += member
+        self.offsets.append(len(self.data))
+        self.tokens.append(n_tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def encode_file(index: int, src: SourceFile, spec: ReadSpec, max_docs: int, enc: EncodeSpec,
+                *drop_arrays: np.ndarray) -> Iterator:
+    """Stage `encode` (streaming): for every piece, yields `(split, samples)` then the Piece itself."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(enc.tok_json)
+    dropped = dropped_positions(index, drop_arrays)
+    open_pieces = {s: Piece(s) for s in SPLITS}
+    batch: list[Record] = []
+    for rec in _rows(records(src, spec, Counter(), max_docs=max_docs), dropped, enc.sample_tokens):
+        batch.append(rec)
+        if len(batch) >= ENCODE_BATCH:
+            yield from _encode_batch(tok, index, batch, enc, open_pieces)
+            batch = []
+    yield from _encode_batch(tok, index, batch, enc, open_pieces)
+    for piece in open_pieces.values():
+        if len(piece):
+            yield piece.split, len(piece)
+            yield piece
+
+
+def _rows(recs: Iterator[Record], dropped: set[int], sample_tokens: int) -> Iterator[Record]:
+    """Records without duplicates; with `sample_tokens`, consecutive records of a document joined."""
+    kept = (r for r in recs if r.pos not in dropped)
+    if not sample_tokens:
+        yield from kept
+        return
+    doc: list[Record] = []
+    for rec in kept:
+        if doc and rec.doc != doc[0].doc:
+            yield doc[0]._replace(tgt=" ".join(r.tgt for r in doc))
+            doc = []
+        doc.append(rec)
+    if doc:
+        yield doc[0]._replace(tgt=" ".join(r.tgt for r in doc))
+
+
+def _encode_batch(tok, index: int, batch: list[Record], enc: EncodeSpec, pieces: dict[str, Piece]) -> Iterator:
+    if not batch:
+        return
+    tgt = tok.encode_batch([r.tgt for r in batch], add_special_tokens=False)
+    has_src = batch[0].src is not None
+    src = tok.encode_batch([r.src for r in batch], add_special_tokens=False) if has_src else [None] * len(batch)
+    for rec, s, t in zip(batch, src, tgt):
+        key = f"{index:06d}-{rec.pos:09d}"
+        for sample_key, fields in _sample_fields(key, s, t, enc):
+            piece = pieces[rec.split]
+            piece.add(tar_sample(sample_key, fields, enc.dtype), sum(len(v) for v in fields.values()))
+            if len(piece) == enc.shard_samples:
+                yield piece.split, len(piece)
+                yield piece
+                pieces[rec.split] = Piece(rec.split)
+
+
+def _sample_fields(key: str, s, t, enc: EncodeSpec) -> Iterator[tuple[str, dict]]:
+    if enc.sample_tokens:
+        for c, ids in enumerate(token_chunks(t.ids, enc.sample_tokens, enc.sentence_ends)):
+            yield f"{key}-{c:04d}", {"tgt": ids}
+        return
+    yield key, ({"src": s.ids, "tgt": t.ids} if s is not None else {"tgt": t.ids})
+
+
+# --- write ------------------------------------------------------------------------------------------
+
+
+def write_shard(path: str, slices: list[tuple[int, int]], *pieces: Piece) -> tuple[int, int, int, str]:
+    """Stage `write`: samples [a, b) of each piece, concatenated and closed into the tar file `path`;
+    returns (samples, tokens, bytes, sha256)."""
+    samples = tokens = 0
+    with open(path, "wb") as f:
+        for (a, b), piece in zip(slices, pieces):
+            f.write(memoryview(piece.data)[piece.offsets[a]:piece.offsets[b]])
+            samples += b - a
+            tokens += sum(piece.tokens[a:b])
+        f.write(END_OF_ARCHIVE)
+    return samples, tokens, Path(path).stat().st_size, sha256_file(path)
+
+
+class ShardCutter:
+    """Cuts one split's stream of pieces (in global order) into shards of exactly `size` samples
+    (the last one shorter): each full shard becomes a `write` job."""
+
+    def __init__(self, split: str, size: int, out: Path):
+        self.split, self.size, self.out = split, size, out
+        self.pending: list[tuple[Any, int, int]] = []  # (piece ref, first unused sample, samples)
+        self.count = 0
+        self.shards = 0
+
+    def add(self, ref, n: int) -> list[tuple]:
+        self.pending.append((ref, 0, n))
+        self.count += n
+        jobs = []
+        while self.count >= self.size:
+            jobs.append(self._take(self.size))
+        return jobs
+
+    def flush(self) -> list[tuple]:
+        return [self._take(self.count)] if self.count else []
+
+    def _take(self, want: int) -> tuple:
+        slices, refs = [], []
+        while want:
+            ref, start, n = self.pending[0]
+            used = min(want, n - start)
+            slices.append((start, start + used))
+            refs.append(ref)
+            want -= used
+            self.count -= used
+            if start + used == n:
+                self.pending.pop(0)
+            else:
+                self.pending[0] = (ref, start + used, n)
+        path = self.out / f"{self.split}-{self.shards:06d}.tar"
+        self.shards += 1
+        return (str(path), slices, *refs)
+
+
+# --- the driver --------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorpusResult:
+    written: dict[str, list[WrittenShard]]
+    documents: dict[str, int]
+    filters: dict
+    tok_json: str
+
+
+def report_filters(read: int, drops: dict[str, int], kept: int) -> dict:
+    """The manifest's `filters` entry, with a warning for a filter that dropped over half of the input."""
+    for name, n in drops.items():
+        if read and n > read / 2:
+            label = "data.dedup (exact duplicates)" if name == "dedup" else \
+                "empty samples" if name == "empty" else f"data.{name}"
+            warnings.warn(f"{label}: dropped {n} of {read} samples ({100 * n / read:.0f}%)", stacklevel=2)
+    return {"read": read, "dropped": {k: drops.get(k, 0) for k in FILTERS}, "kept": kept}
+
+
+def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: Path, max_documents: int,
+               dedup: bool, shard_samples: int, sample_bytes: int, tokenizer: Callable[[Runner, list], str],
+               encoding: Callable[[str], EncodeSpec], progress: bool) -> CorpusResult:
+    """Every stage for `files`; `tokenizer(runner, sample_refs)` gives tokenizer.json (trained on the
+    sample, or the given one), `encoding(tok_json)` the encode settings."""
+    caps = [-1] * len(files)
+    summaries, hashes, samples = scan(files, spec, caps, runner, sample_bytes, progress)
+    if max_documents:
+        caps = document_caps([s.documents for s in summaries], max_documents)
+        files, caps, summaries, hashes, samples = rescan(files, spec, caps, summaries, hashes, samples, runner,
+                                                         sample_bytes)
+    read = sum(s.read for s in summaries)
+    drops = sum((Counter(s.drops) for s in summaries), Counter())
+    kept = [sum(s.samples[i] for s in summaries) for i in range(3)]
+    if not sum(kept):
+        raise ValueError(f"data.sources: no text left after the filters ({dict(drops) or 'nothing read'})")
+    drop_refs, dups = deduplicate(hashes, sum(kept), runner, progress) if dedup else ([], [0, 0, 0])
+    del hashes
+    drops["dedup"] = sum(dups)
+    filters = report_filters(read, dict(drops), sum(kept) - sum(dups))
+    tok_json = tokenizer(runner, samples)
+    del samples
+    enc = encoding(tok_json)
+    total = None if enc.sample_tokens else sum(kept) - sum(dups)
+    written = encode_and_write(files, spec, caps, enc, drop_refs, runner, out, total, progress)
+    documents = {split: sum(s.documents[i] for s in summaries) for i, split in enumerate(SPLITS)}
+    return CorpusResult(written, documents, filters, tok_json)
+
+
+def scan(files, spec, caps, runner: Runner, sample_bytes: int, progress: bool):
+    summaries, hashes, samples = [], [], []
+    with bar("read", len(files), "file", progress) as b:
+        for refs in runner.windowed(scan_file, [(f, spec, c, sample_bytes) for f, c in zip(files, caps)],
+                                    num_returns=3):
+            summaries.append(runner.get(refs[0]))
+            hashes.append(refs[1])
+            samples.append(refs[2])
+            b.update(1)
+            b.set_postfix(samples=sum(sum(s.samples) for s in summaries), refresh=False)
+    return summaries, hashes, samples
+
+
+def document_caps(documents: list[list[int]], max_documents: int) -> list[int]:
+    """Documents each file may keep so that the first `max_documents` of the corpus are read (-1: all)."""
+    caps, used = [], 0
+    for docs in documents:
+        n = sum(docs)
+        caps.append(-1 if used + n <= max_documents else max(0, max_documents - used))
+        used += n
+    return caps
+
+
+def rescan(files, spec, caps, summaries, hashes, samples, runner: Runner, sample_bytes: int):
+    """Drop files past `data.max_documents`; scan the file it cuts again with its cap."""
+    keep = [i for i, c in enumerate(caps) if c != 0]
+    files, caps = [files[i] for i in keep], [caps[i] for i in keep]
+    summaries, hashes, samples = ([lst[i] for i in keep] for lst in (summaries, hashes, samples))
+    for j, cap in enumerate(caps):
+        if cap > 0:
+            refs = runner.submit(scan_file, files[j], spec, cap, sample_bytes, num_returns=3)
+            summaries[j], hashes[j], samples[j] = runner.get(refs[0]), refs[1], refs[2]
+    return files, caps, summaries, hashes, samples
+
+
+def deduplicate(hashes: list, entries: int, runner: Runner, progress: bool) -> tuple[list, list[int]]:
+    parts = max(runner.tasks, -(-entries // PARTITION_ENTRIES))
+    drop_refs, dups = [], [0, 0, 0]
+    with bar("de-duplicate", parts, "partition", progress) as b:
+        for refs in runner.windowed(dedup_partition, [(p, parts, *hashes) for p in range(parts)], num_returns=2):
+            drop_refs.append(refs[0])
+            dups = [a + c for a, c in zip(dups, runner.get(refs[1]))]
+            b.update(1)
+    return drop_refs, dups
+
+
+def encode_and_write(files, spec, caps, enc: EncodeSpec, drop_refs: list, runner: Runner, out: Path,
+                     total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
+    cutters = {s: ShardCutter(s, enc.shard_samples, out) for s in SPLITS}
+    writes: dict[str, list] = {s: [] for s in SPLITS}
+    jobs = [(i, f, spec, c, enc, *drop_refs) for i, (f, c) in enumerate(zip(files, caps))]
+    with bar("tokenize", total, "sample", progress) as tb, bar("write", None, "shard", progress) as wb:
+        for gen in runner.windowed(encode_file, jobs, num_returns="streaming"):
+            for meta in gen:
+                split, n = runner.get(meta)
+                for job in cutters[split].add(next(gen), n):
+                    writes[split].append(runner.submit(write_shard, *job, here=True))
+                tb.update(n)
+        for split, cutter in cutters.items():
+            writes[split] += [runner.submit(write_shard, *job, here=True) for job in cutter.flush()]
+        written = {}
+        for split in SPLITS:
+            written[split] = []
+            for ref, job in zip(writes[split], _paths(writes[split], cutters[split])):
+                samples, tokens, _, _ = runner.get(ref)
+                written[split].append(WrittenShard(Path(job), samples, tokens))
+                wb.update(1)
+    return written
+
+
+def _paths(refs: list, cutter: ShardCutter) -> list[str]:
+    return [str(cutter.out / f"{cutter.split}-{k:06d}.tar") for k in range(len(refs))]
