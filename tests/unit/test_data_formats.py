@@ -1,0 +1,308 @@
+"""Bring your own corpus (issue 12), without Ray: formats against Python's own readers, compression,
+field mapping, script-neutral filters, key-hash splits, given tokenizers, the tokenizer sample, a bucket."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import json
+import lzma
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_pipeline import DataConfig, Manifest, ShardStream, detokenize, load_tokenizer, prepare
+from data_pipeline.config import FieldsConfig
+from data_pipeline.filters import TextFilter, filter_text, text_units
+from data_pipeline.formats import ReadSpec, list_sources, records, split_of
+from data_pipeline.scale import BottomK, merged_sample
+
+KEEP_ALL = TextFilter(min_words=1, max_words=10_000, min_alpha=0.0, drop_code=False)
+WORDS = "river mountain walks sees birds number quick brown fox lazy dog sun moon".split()
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) for i in range(n)]
+
+
+def read_back(folder: Path) -> dict[str, list[tuple[str | None, str]]]:
+    """Every split's samples, decoded, in stream order (shuffle off)."""
+    m = Manifest.load(folder)
+    tok = load_tokenizer(m.tokenizer_path)
+    out = {}
+    for split in m.nonempty_splits():
+        stream = ShardStream(m.path, rank=0, world_size=1, seed=0, shuffle=False, split=split)
+        out[split] = [(detokenize(tok, s["src"]) if "src" in s else None, detokenize(tok, s["tgt"])) for s in stream]
+    return out
+
+
+def cfg(folder: Path, **kw) -> DataConfig:
+    base = dict(dir=str(folder / "out"), vocab_size=400, num_sentinels=4, shard_samples=32, min_words=1,
+                min_alpha=0.0, doc_lines=5)
+    return DataConfig(**{**base, **kw})
+
+
+def spec(task: str, **kw) -> ReadSpec:
+    return ReadSpec(task=task, text_filter=KEEP_ALL, **kw)
+
+
+def read_records(paths, fmt: str, task: str, **kw) -> list[tuple[str | None, str]]:
+    files = list_sources([str(p) for p in paths], fmt, kw.pop("targets", []))
+    return [(r.src, r.tgt) for f in files for r in records(f, spec(task, **kw), Counter())]
+
+
+# --- formats against Python's readers ------------------------------------------------------------
+
+
+def test_each_format_reads_what_python_reads(tmp_path):
+    pairs = [(f"quelle {s}", f"ziel {s}") for s in sentences(40)]
+    (tmp_path / "c.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
+    with open(tmp_path / "c.tsv", newline="") as f:
+        want = [(r[0], r[1]) for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    assert read_records([tmp_path / "c.tsv"], "auto", "pairs") == want
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"src": s, "tgt": t}) + "\n" for s, t in pairs))
+    want = [(r["src"], r["tgt"]) for r in map(json.loads, (tmp_path / "c.jsonl").read_text().splitlines())]
+    assert read_records([tmp_path / "c.jsonl"], "auto", "pairs") == want
+
+    (tmp_path / "train.de").write_text("".join(s + "\n" for s, _ in pairs))
+    (tmp_path / "train.en").write_text("".join(t + "\n" for _, t in pairs))
+    got = read_records([tmp_path / "train.de"], "parallel", "pairs", targets=[str(tmp_path / "train.en")])
+    assert got == list(zip((tmp_path / "train.de").read_text().splitlines(),
+                           (tmp_path / "train.en").read_text().splitlines()))
+
+    (tmp_path / "c.lines").write_text("\n".join(t for _, t in pairs) + "\n\n")
+    assert read_records([tmp_path / "c.lines"], "lines", "text") == [(None, t) for _, t in pairs]
+
+    (tmp_path / "c.txt").write_text("First paragraph\nwraps here.\n\n\nSecond one.\n")
+    assert read_records([tmp_path / "c.txt"], "auto", "text") == [(None, "First paragraph wraps here."),
+                                                                    (None, "Second one.")]
+
+
+def test_parquet_and_field_mapping(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = [{"de": f"hallo {i}", "en": f"hello {i}", "body": f"text number {i}", "n": i} for i in range(50)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=7)
+    want = pq.read_table(tmp_path / "c.parquet").to_pylist()
+    fields = ("de", "en", "body", "doc")
+    assert read_records([tmp_path / "c.parquet"], "auto", "pairs", fields=fields) == \
+        [(r["de"], r["en"]) for r in want]
+    assert read_records([tmp_path / "c.parquet"], "auto", "text", fields=fields) == [(None, r["body"]) for r in want]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = prepare(cfg(tmp_path, task="pairs", sources=[str(tmp_path / "m.jsonl")], fields=FieldsConfig("de", "en"),
+                      valid_fraction=0, test_fraction=0), progress=False, use_ray=False)
+    assert sorted(read_back(out.folder)["train"]) == sorted((r["de"], r["en"]) for r in rows)
+    with pytest.raises(ValueError, match=r"data.fields: .*m.jsonl:1 needs 'src' and 'tgt'"):
+        prepare(cfg(tmp_path, task="pairs", sources=[str(tmp_path / "m.jsonl")], dir=str(tmp_path / "o2")),
+                progress=False, use_ray=False)
+
+
+def _zst(data: bytes) -> bytes:
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor().compress(data)
+
+
+@pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress), (".bz2", bz2.compress),
+                                              (".xz", lzma.compress), (".zst", _zst)])
+def test_compressed_inputs_read_like_plain_ones(tmp_path, suffix, compress):
+    rows = "".join(json.dumps({"src": s, "tgt": s.upper()}) + "\n" for s in sentences(30))
+    (tmp_path / "plain.jsonl").write_text(rows)
+    (tmp_path / f"packed.jsonl{suffix}").write_bytes(compress(rows.encode()))
+    assert read_records([tmp_path / f"packed.jsonl{suffix}"], "auto", "pairs") == \
+        read_records([tmp_path / "plain.jsonl"], "auto", "pairs")
+
+
+def test_missing_extras_are_named(tmp_path, monkeypatch):
+    (tmp_path / "a.txt.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(ValueError, match=r"data.sources: .*a.txt.zst: .*seqfoundry\[zstd\]"):
+        read_records([tmp_path / "a.txt.zst"], "auto", "text")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "dataset_info.json").write_text("{}")
+    (hf / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match=r"HF datasets folder: .*seqfoundry\[datasets\]"):
+        read_records([hf], "auto", "text")
+
+
+def test_hf_datasets_folder_loads_when_installed(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"text": [f"line {s}" for s in sentences(20)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
+    assert read_records([tmp_path / "hf"], "auto", "text") == [(None, t) for t in rows["text"]]
+
+
+def test_sources_globs_folders_and_names(tmp_path):
+    for rel in ("a/x.txt", "a/sub/y.txt", "a/.hidden.txt", "b/z.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("Some words here.\n")
+    got = list_sources([str(tmp_path / "a"), str(tmp_path / "b" / "*.txt")], "auto")
+    assert [f.name for f in got] == ["sub/y.txt", "x.txt", "z.txt"] and {f.format for f in got} == {"text"}
+    (tmp_path / "new.txt").write_text("x")
+    more = list_sources([str(tmp_path / "a"), str(tmp_path / "b" / "*.txt"), str(tmp_path / "new.txt")], "auto")
+    assert [f.name for f in more] == ["sub/y.txt", "x.txt", "z.txt", "new.txt"]  # adding a file renames none
+    with pytest.raises(ValueError, match="data.sources: no file matches"):
+        list_sources([str(tmp_path / "nothing*.txt")], "auto")
+
+
+def test_bad_rows_are_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"src": "a", "tgt": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not JSON"):
+        read_records([tmp_path / "bad.jsonl"], "auto", "pairs")
+    (tmp_path / "s.de").write_text("a\nb\nc\n")
+    (tmp_path / "s.en").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="data.target_sources: .* not line-aligned"):
+        read_records([tmp_path / "s.de"], "parallel", "pairs", targets=[str(tmp_path / "s.en")])
+
+
+# --- filters ------------------------------------------------------------------------------------------
+
+
+MIXED = ["这是一个用来测试的中文句子，没有空格。", "今天天气很好，我们去公园散步吧。",
+         "هذه جملة عربية طويلة بما يكفي للاختبار", "ذهب الولد إلى المدرسة في الصباح الباكر",
+         "the lower-case english line has enough words", "another lower case sentence without any capitals",
+         "2024 was the year the river flooded the town", "3 birds sat on the wire all morning long",
+         "東京は日本の首都で、人口がとても多いです。", "ภาษาไทยเขียนโดยไม่มีช่องว่างระหว่างคำเลย"]
+
+
+def test_a_mixed_script_corpus_loses_no_line(tmp_path):
+    (tmp_path / "mixed.txt").write_text("\n".join(MIXED) + "\n")
+    m = prepare(DataConfig(dir=str(tmp_path / "out"), sources=[str(tmp_path / "mixed.txt")], format="lines",
+                           task="text", vocab_size=600, num_sentinels=4, valid_fraction=0, test_fraction=0),
+                progress=False, use_ray=False)  # default filters
+    assert m.data["filters"]["kept"] == len(MIXED) and not any(m.data["filters"]["dropped"].values())
+    assert sorted(t for _, t in read_back(m.folder)["train"]) == sorted(MIXED)
+
+
+def test_length_counts_characters_for_scripts_without_spaces():
+    assert text_units("the quick brown fox") == 4
+    assert text_units("这是中文") == 4 and text_units("東京 Tokyo") == 3
+    drops = Counter()
+    f = TextFilter(min_words=6)
+    assert filter_text("短句子", f, drops) == [] and drops == {"min_words": 1}
+    assert filter_text("这是一个足够长的句子", f, drops) == ["这是一个足够长的句子"]
+    assert filter_text("| 1 | 2 | 3 | 4 | 5 | 6 |", f, drops) == [] and drops["min_alpha"] == 1
+    assert filter_text(">>> print(1) and more words here", f, drops) == [] and drops["drop_code"] == 1
+    assert [len(p) for p in filter_text("一二三四五。六七八九十。", TextFilter(min_words=1, max_words=7), Counter())] \
+        == [6, 6]
+
+
+def test_filter_counts_reach_the_manifest_and_a_greedy_filter_warns(tmp_path):
+    lines = [f"short {'abcdefghij'[i % 10]}{'abcdefghij'[i // 10]}" for i in range(30)] + sentences(20)
+    (tmp_path / "c.lines").write_text("\n".join(lines + lines[-5:]) + "\n")
+    with pytest.warns(UserWarning, match=r"data.min_words: dropped 30 of 55 samples"):
+        m = prepare(DataConfig(dir=str(tmp_path / "out"), sources=[str(tmp_path / "c.lines")], format="lines",
+                               task="text", vocab_size=400, num_sentinels=4, valid_fraction=0, test_fraction=0),
+                    progress=False, use_ray=False)
+    assert m.data["filters"] == {"read": 55, "dropped": {"empty": 0, "drop_code": 0, "min_alpha": 0,
+                                                         "min_words": 30, "dedup": 5}, "kept": 20}
+    assert m.data["num_samples"] == 20
+
+
+# --- splits --------------------------------------------------------------------------------------------
+
+
+def test_one_file_splits_three_ways_and_adding_files_moves_nothing(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "corpus.txt").write_text("\n".join(sentences(600)) + "\n")
+    base = dict(format="lines", task="text", valid_fraction=0.1, test_fraction=0.1, doc_lines=10)
+    a = read_back(prepare(cfg(tmp_path, sources=[str(tmp_path / "one" / "corpus.txt")], **base),
+                          progress=False, use_ray=False).folder)
+    assert set(a) == {"train", "valid", "test"} and sum(map(len, a.values())) == 600
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "more.txt").write_text("\n".join(sentences(300, seed=1)) + "\n")
+    b = read_back(prepare(cfg(tmp_path, dir=str(tmp_path / "out2"), **base,
+                              sources=[str(tmp_path / "one" / "corpus.txt"), str(tmp_path / "two" / "*.txt")]),
+                          progress=False, use_ray=False).folder)
+    for split, samples in a.items():
+        assert set(samples) <= set(b[split])  # every old sample stays in its split
+    assert split_of("corpus.txt:3", 0.1, 0.1) == split_of("corpus.txt:3", 0.1, 0.1)
+
+
+# --- tokenizers -----------------------------------------------------------------------------------------
+
+
+def test_a_given_tokenizer_with_specials_elsewhere_is_reindexed(tmp_path):
+    texts = sentences(200)
+    given = Tokenizer(models.BPE(unk_token="[UNK]"))
+    given.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    given.decoder = decoders.ByteLevel()
+    given.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=[
+        "hello", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]))
+    given.save(str(tmp_path / "given.json"))
+    (tmp_path / "c.lines").write_text("\n".join(texts) + "\n")
+    m = prepare(cfg(tmp_path, sources=[str(tmp_path / "c.lines")], format="lines", task="text", num_sentinels=3,
+                    tokenizer=str(tmp_path / "given.json")), progress=False, use_ray=False)
+    tok = load_tokenizer(m.tokenizer_path)
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>", "<extra_id_0>", "<mask>")] == \
+        [0, 1, 2, 3, 4, 7]
+    mapping = m.data["tokenizer_mapping"]
+    assert [r["given"] for r in mapping["reserved"]] == ["[PAD]", "[CLS]", "[SEP]", "[UNK]", None, None, None, "[MASK]"]
+    new_of_old = {old + k: new + k for old, new, n in mapping["moved"] for k in range(n)}
+    new_of_old |= {r["given_id"]: r["id"] for r in mapping["reserved"] if r["given"]}
+    for text in texts[:20]:
+        old = given.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text, add_special_tokens=False).ids == [new_of_old[i] for i in old]
+    assert sorted(t for _, t in sum(read_back(m.folder).values(), [])) == sorted(texts)
+
+
+def test_a_sentencepiece_model_tokenizes_as_sentencepiece_does(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    texts = sentences(300)
+    for kind in ("unigram", "bpe"):
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=70, hard_vocab_limit=False,
+                                       model_type=kind, minloglevel=2)
+        (tmp_path / f"{kind}.model").write_bytes(buf.getvalue())
+        sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+        (tmp_path / "c.lines").write_text("\n".join(texts) + "\n")
+        m = prepare(cfg(tmp_path, dir=str(tmp_path / kind), sources=[str(tmp_path / "c.lines")], format="lines",
+                        task="text", tokenizer=str(tmp_path / f"{kind}.model")), progress=False, use_ray=False)
+        tok = load_tokenizer(m.tokenizer_path)
+        assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]
+        for text in texts[:30]:
+            assert tok.encode(text, add_special_tokens=False).tokens == sp.encode(text, out_type=str)
+
+
+def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
+    rng = random.Random(0)
+    items = [((rng.getrandbits(64), rng.getrandbits(64)), (f"text {i} " * rng.randint(1, 5),)) for i in range(500)]
+    items += items[:50]  # duplicates across files
+    budget = 2000
+
+    def sample(n_files: int) -> list[str]:
+        parts = [BottomK(budget) for _ in range(n_files)]
+        for i, (h, texts) in enumerate(items):
+            parts[i % n_files].add(h, texts)
+        return merged_sample(budget, *(p.items() for p in parts))
+
+    one = sample(1)
+    assert one == sample(3) == sample(17) and 0 < sum(len(t.encode()) for t in one) <= budget
+
+
+# --- object storage ----------------------------------------------------------------------------------------
+
+
+def test_sources_from_a_bucket(tmp_path, s3_bucket):
+    from data_pipeline.storage import as_path
+
+    rows = "".join(json.dumps({"src": s, "tgt": s.upper()}) + "\n" for s in sentences(40))
+    (as_path(f"{s3_bucket}/corpus/a.jsonl.gz")).write_bytes(gzip.compress(rows.encode()))
+    (as_path(f"{s3_bucket}/corpus/b.jsonl")).write_text(rows.replace("river", "ocean"))
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "a.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
+    (tmp_path / "local" / "b.jsonl").write_text(rows.replace("river", "ocean"))
+    remote = prepare(cfg(tmp_path, dir=str(tmp_path / "r"), task="pairs", sources=[f"{s3_bucket}/corpus/*.jsonl*"]),
+                     progress=False, use_ray=False)
+    local = prepare(cfg(tmp_path, dir=str(tmp_path / "l"), task="pairs", sources=[str(tmp_path / "local")]),
+                    progress=False, use_ray=False)
+    assert [f["name"] for f in remote.data["source"]["files"]] == ["a.jsonl.gz", "b.jsonl"]
+    assert read_back(remote.folder) == read_back(local.folder)
