@@ -49,6 +49,8 @@ class TextFilter:
 
 
 _NO_SPACE = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _NO_SPACE_SCRIPTS)
+_NO_SPACE_RE = re.compile(f"[{_NO_SPACE}]")
+_NOT_LETTER = re.compile(r"[\W\d_]")
 _UNIT = re.compile(f"[{_NO_SPACE}]|[^\\s{_NO_SPACE}]+")  # one character of those scripts, or a word
 
 
@@ -59,13 +61,21 @@ def no_space_char(c: str) -> bool:
 
 def text_units(text: str) -> int:
     """Length in words, each character of a script written without spaces counting as one word."""
-    return sum(1 for _ in _UNIT.finditer(text))
+    if not _NO_SPACE_RE.search(text):
+        return len(text.split())
+    return len(_UNIT.findall(text))
 
 
-def alpha_share(text: str) -> float:
-    chars = [c for c in text if not c.isspace()]
-    letters = sum(unicodedata.category(c)[0] in "LM" for c in chars)
-    return letters / len(chars) if chars else 0.0
+def alpha_share(text: str, enough: float = 1.0) -> float:
+    """Share of letters and combining marks among the non-space characters; stops early (returning a value
+    >= `enough`) when the letters alone reach `enough`, which needs no per-character lookup."""
+    visible = len(text) - sum(map(text.count, " \t\n\r\f\v"))
+    if not visible:
+        return 0.0
+    letters = len(_NOT_LETTER.sub("", text))  # str.isalpha's letters, fast
+    if letters >= enough * visible:
+        return letters / visible
+    return sum(unicodedata.category(c)[0] in "LM" for c in text if not c.isspace()) / visible
 
 
 def looks_like_code(block: str) -> bool:
@@ -81,7 +91,7 @@ def rejected_by(block: str, f: TextFilter) -> str | None:
         return "empty"
     if f.drop_code and looks_like_code(block):
         return "drop_code"
-    if alpha_share(text) < f.min_alpha:
+    if f.min_alpha and alpha_share(text, f.min_alpha) < f.min_alpha:
         return "min_alpha"
     if text_units(text) < f.min_words:
         return "min_words"
@@ -91,6 +101,8 @@ def rejected_by(block: str, f: TextFilter) -> str | None:
 def cut(text: str, max_units: int) -> list[str]:
     """`text` cut at sentence ends into pieces of at most `max_units` units (a long sentence truncated);
     sentences joined into one piece keep the spacing they had."""
+    if text_units(text) <= max_units:
+        return [text]
     bounds = [0, *(m.end() for m in _SENTENCE_END.finditer(text) if 0 < m.end() < len(text)), len(text)]
     pieces: list[tuple[int, int]] = []  # (start, end) in `text`
     units = 0

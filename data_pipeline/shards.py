@@ -63,14 +63,36 @@ def tar_sample(key: str, fields: dict[str, np.ndarray], dtype: str) -> bytes:
     samples concatenate into a shard, which `END_OF_ARCHIVE` closes."""
     out = bytearray()
     for name, data in encode_sample(key, fields, dtype).items():
-        if name == "__key__":
-            continue
-        info = tarfile.TarInfo(f"{key}.{name}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uname = info.gname = "seqfoundry"
-        out += info.tobuf(format=tarfile.USTAR_FORMAT)
-        out += data + bytes(-len(data) % BLOCK)
+        if name != "__key__":
+            out += ustar_header(f"{key}.{name}".encode(), len(data))
+            out += data + bytes(-len(data) % BLOCK)
     return bytes(out)
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The header `tarfile.TarInfo.tobuf(USTAR_FORMAT)` writes for a regular file `name` of `size` bytes with
+    our fixed attributes, without its per-member overhead (the prepare hot path; parity in the tests)."""
+    if len(name) > 100:
+        raise ValueError(f"tar member name over 100 bytes: {name!r}")
+    h = bytearray(_HEADER_TEMPLATE)
+    h[:len(name)] = name
+    h[124:136] = b"%011o\0" % size
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _header_template() -> bytes:
+    h = bytearray(BLOCK)
+    h[100:124] = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
+    h[136:148] = b"00000000000\0"  # mtime 0
+    h[148:156] = b" " * 8  # the checksum field counts as spaces
+    h[156:157] = b"0"  # a regular file
+    h[257:265] = b"ustar\x0000"
+    h[265:275] = h[297:307] = b"seqfoundry"  # uname, gname
+    return bytes(h)
+
+
+_HEADER_TEMPLATE = _header_template()
 
 
 @dataclass

@@ -306,3 +306,15 @@ def test_sources_from_a_bucket(tmp_path, s3_bucket):
                     progress=False, use_ray=False)
     assert [f["name"] for f in remote.data["source"]["files"]] == ["a.jsonl.gz", "b.jsonl"]
     assert read_back(remote.folder) == read_back(local.folder)
+
+
+def test_fast_tar_headers_equal_tarfiles():
+    import tarfile
+
+    from data_pipeline.shards import ustar_header
+
+    for name, size in [("000001-000000002.tgt.u16", 6), ("x.src.u32", 123456789), ("k-0001.tgt.u16", 0)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        info.uname = info.gname = "seqfoundry"
+        assert ustar_header(name.encode(), size) == info.tobuf(format=tarfile.USTAR_FORMAT)
