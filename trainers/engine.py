@@ -115,6 +115,8 @@ def build_engine(model: Seq2SeqModel, trainer: TrainerConfig, ds: DeepSpeedConfi
     """Wrap a finished model with DeepSpeed: returns (engine, precision)."""
     import deepspeed  # imported here so that model code and tests never need it
 
+    if not on_gpu:
+        without_shm_comm(deepspeed)
     check_zero3(model.config.arch, ds)
     precision = resolve_precision(trainer, on_gpu=on_gpu)
     optimizer = build_optimizer(model, trainer)
@@ -124,3 +126,16 @@ def build_engine(model: Seq2SeqModel, trainer: TrainerConfig, ds: DeepSpeedConfi
         config=deepspeed_config(trainer, ds, world_size=world_size, precision=precision,
                                 load_universal=load_universal))
     return engine, precision
+
+
+def without_shm_comm(deepspeed: Any) -> None:
+    """CPU collectives stay on the process group's own backend (gloo): DeepSpeed's optional shared-memory
+    all-reduce is turned off through its own switch, `deepspeed.ops.__compatible_ops__`.
+
+    That op is C++ compiled just in time by the first engine in each new environment (minutes on two
+    cores, inside the training job), behind torch's build lock file: a process killed while it builds
+    (a chaos kill, a timeout, a stopped session) leaves the lock behind and every later engine on the
+    machine waits on it forever (torch.utils.file_baton). Gloo is what Ray Train set up anyway.
+    """
+    ops = vars(deepspeed.ops)
+    ops.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False

@@ -135,3 +135,16 @@ def test_step_timer_mfu_is_flops_over_peak():
     assert out["tokens_per_s"] == pytest.approx(50 * 2 / wall)
     assert out["mfu"] == pytest.approx(1e9 / wall / 1e12)
     assert measure_matmul_peak(size=128, iters=2) > 1e6
+
+
+def test_cpu_engines_never_build_deepspeeds_shared_memory_all_reduce():
+    """DeepSpeed would JIT-compile its shm all-reduce behind a lock file that a killed build leaves behind
+    (every later engine then waits forever); build_engine turns it off on the CPU by DeepSpeed's own switch."""
+    import importlib
+
+    import deepspeed
+
+    from trainers.engine import without_shm_comm
+
+    without_shm_comm(deepspeed)
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
