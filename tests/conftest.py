@@ -31,6 +31,14 @@ def local_ray():
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """experiment=tiny's prepared data, made once per session (without Ray); tests only read it."""
+    from tests.helpers.data import prepare_tiny
+
+    return prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="session")
 def s3_bucket():
     """`s3://<bucket>` on a local S3 server (moto, loopback only) for the whole session."""
     from tests.helpers.s3 import local_s3

@@ -19,9 +19,7 @@ FAST = ["trainer.max_steps=6", "trainer.val_every=3", "trainer.checkpoint_every=
         "trainer.warmup_steps=1", "sweep.num_samples=2", "eval.max_samples=16", "data.num_workers=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,7 @@ from tests.helpers.wandb_offline import history, offline_runs, records
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from tests.helpers.data import prepare_tiny
 from tests.helpers.wandb_offline import history, offline_runs, records
 
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def pretrain(data: Path, run: Path, *extra: str) -> list[str]:

@@ -14,20 +14,12 @@ from orchestrator.cli import main
 from orchestrator.config import compose_config, to_typed
 from trainers.models import build_model
 from trainers.package import Lineage, load_package, write_package
-from tests.helpers.data import prepare_tiny
 from tests.helpers.wandb_offline import offline_runs, records, run_ids
 
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

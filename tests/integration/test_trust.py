@@ -12,19 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.cli import main
-from tests.helpers.data import prepare_tiny
 
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def base(data: Path, run: Path, *extra: str) -> list[str]:
