@@ -20,6 +20,7 @@ from data_pipeline.storage import local_copy
 from trainers.checkpoint import TAG_PREFIX, step_of
 from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from trainers.export import export_package
+from trainers.selection import RANK_KEY
 from trainers.run_folder import RunFolder
 
 from .runs import CHECKPOINTS, Run
@@ -44,7 +45,7 @@ def fit(run: Run, spec: TrainSpec, *, callbacks: tuple = (), on_checkpoint: Call
     `callbacks` go to Ray Train's RunConfig (e.g. Ray Tune's report callback);
     `on_checkpoint(step=, path=)` is called by rank 0 after each checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainers.loop import train_loop_per_worker
@@ -58,12 +59,22 @@ def fit(run: Run, spec: TrainSpec, *, callbacks: tuple = (), on_checkpoint: Call
                                      placement_strategy=t.placement_strategy),
         run_config=RunConfig(name=CHECKPOINTS, storage_path=run.storage_path,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
+                             checkpoint_config=checkpoint_config(t),
                              callbacks=list(callbacks)))
     try:
         trainer.fit()
     finally:  # the run folder's lock (taken by run.open) is free again for a resume or an export
         run.release()
+
+
+def checkpoint_config(t: TrainerConfig):
+    """Ray Train keeps `keep_last` checkpoints besides the latest: the newest, or with `trainer.best_metric`
+    the best validated ones (by the `checkpoint_rank` each checkpoint reports, trainers.selection)."""
+    from ray.train import CheckpointConfig
+
+    if t.best_metric == "none":
+        return CheckpointConfig(num_to_keep=t.keep_last)
+    return CheckpointConfig(num_to_keep=t.keep_last, checkpoint_score_attribute=RANK_KEY, checkpoint_score_order="max")
 
 
 def torch_config(t: TrainerConfig):
@@ -94,9 +105,10 @@ def failure_summary(err: BaseException | str) -> str:
 
 def write_package(run: Run, *, checkpoint: Path | None = None, out: str | Path | None = None,
                   average: list[Path] = ()) -> str:
-    """Consolidate a checkpoint (default: the latest) into `<run.dir>/model` or `out` (uploaded when remote);
-    with `average`, the mean of its weights and those of these other checkpoints."""
-    checkpoint = checkpoint or run.checkpoints.latest()
+    """Consolidate a checkpoint (default: the best validated one with `trainer.best_metric`, else the latest)
+    into `<run.dir>/model` or `out` (uploaded when remote); with `average`, the mean of its weights and those
+    of these other checkpoints."""
+    checkpoint = checkpoint or run.checkpoints.best() or run.checkpoints.latest()
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint under {run.checkpoints.location}")
     local = local_copy(checkpoint)  # DeepSpeed reads local files

@@ -1,7 +1,7 @@
 """`seqfoundry export`: a checkpoint of a run → a model package, and a package → the formats the
 field serves with (Hugging Face `transformers`, CTranslate2).
 
-    seqfoundry export run.dir=runs/p1                                   # latest checkpoint -> runs/p1/model
+    seqfoundry export run.dir=runs/p1                                   # best (else latest) checkpoint -> runs/p1/model
     seqfoundry export run.dir=runs/p1 export.tag=step_00000100 export.out=pkg100
     seqfoundry export run.dir=runs/p1 export.average_last=3             # the last 3 checkpoints averaged
     seqfoundry export run.dir=runs/p1 export.format=hf export.out=hf/   # from_pretrained(hf/) loads it
@@ -52,17 +52,19 @@ def run(job: JobConfig) -> int:
 
 
 def export_checkpoint(run: Run, e: ExportConfig) -> str:
-    """The package of checkpoint `export.tag` (default: the latest), averaged over `export.average_last`."""
+    """The package of checkpoint `export.tag` (default: the best validated one with `trainer.best_metric`,
+    else the latest), averaged over `export.average_last` kept checkpoints up to it."""
     found = run.checkpoints.all()
     if not found:
         raise ConfigError(f"run.dir: no checkpoint under {run.checkpoints.location}")
     names = [p.name for p in found]
     if e.tag and e.tag not in names:
         raise ConfigError(f"export.tag: {run.checkpoints.get(e.tag)} not found")
-    last = names.index(e.tag) if e.tag else len(found) - 1
+    default = run.checkpoints.best() or found[-1]
+    last = names.index(e.tag or default.name)
     if e.average_last > last + 1:
         raise ConfigError(f"export.average_last: {e.average_last} checkpoints asked, {last + 1} kept up to "
-                          f"{names[last]} (trainer.keep_last keeps the newest)")
+                          f"{names[last]} (raise trainer.keep_last, or set export.tag)")
     earlier = found[last - e.average_last + 1: last]
     return write_package(run, checkpoint=found[last], out=e.out or None, average=earlier)
 

@@ -31,6 +31,7 @@ from trainers.checkpoint import TAG_PREFIX, step_of
 from trainers.models import ModelConfig
 from trainers.package import Lineage
 from trainers.run_folder import RunFolder
+from trainers.selection import best_of
 
 CHECKPOINTS = "checkpoints"
 RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
@@ -64,7 +65,7 @@ def write_config(folder: Path, config: dict[str, Any]) -> Path:
 RESUME_MAY_CHANGE = {"trainer": ("max_steps", "num_workers", "cpus_per_worker", "use_gpu", "placement_strategy",
                                  "global_batch_size", "log_every", "checkpoint_every", "keep_last", "val_every",
                                  "val_batches", "val_samples", "val_metric_samples", "stall_alert_s", "max_failures",
-                                 "max_bad_steps", "collective_timeout_s"),
+                                 "max_bad_steps", "collective_timeout_s", "patience", "peak_flops"),
                      "data": ("num_workers",), "deepspeed": ("zero_stage", "offload_optimizer", "offload_params")}
 """Keys a resume may change (a longer run, another world size, another cadence); any other training key
 differing from the saved config.yaml means another run (`preflight.check_same_config`)."""
@@ -116,12 +117,23 @@ class CheckpointRoot:
     def registered(self) -> set[str] | None:
         """The folder names in Ray Train's own record of the checkpoints it kept (its checkpoint manager
         snapshot), or None when there is no readable record."""
+        results = self.records()
+        return None if results is None else {r["checkpoint_dir_name"] for r in results}
+
+    def records(self) -> list[dict] | None:
+        """Ray Train's records of the kept checkpoints (`checkpoint_dir_name`, the `metrics` reported with it)."""
         try:
             state = json.loads((as_path(self.location) / RAY_CHECKPOINT_RECORD).read_text())
             results = state.get("checkpoint_results") or []
-            return {r["checkpoint_dir_name"] for r in results}
+            return [r for r in results if isinstance(r["checkpoint_dir_name"], str)]
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
+
+    def best(self) -> Path | None:
+        """The kept checkpoint whose validation ranked best (`trainer.best_metric`), or None when the run
+        selects none (best_metric=none, or no kept checkpoint was validated)."""
+        name = best_of(self.records() or [])
+        return self.get(name) if name and any(p.name == name for p in self.all()) else None
 
     def latest(self) -> Path | None:
         found = self.all()

@@ -60,6 +60,14 @@ class TrainState:
     """Workers that saved it (a resume may use another number)."""
     tokens_seen: int = 0
     """Target tokens trained on so far, summed over ranks."""
+    best_value: float | None = None
+    """Best validation value of `trainer.best_metric` so far (None before the first validation)."""
+    best_step: int = 0
+    """The step that reached `best_value`."""
+    since_best: int = 0
+    """Validations since the last improvement (`trainer.patience`)."""
+    stopped_early: bool = False
+    """`trainer.patience` ran out: the run is finished before max_steps."""
 
 
 def capture_rng() -> dict:

@@ -11,6 +11,9 @@ FREEZE = ("none", "embeddings", "encoder")
 SCHEDULES = ("cosine", "linear", "polynomial", "inverse_sqrt", "constant")
 """Learning-rate decays after the linear warm-up (`trainer.schedule`)."""
 
+BEST_METRICS = {"val_loss": "min", "val_ppl": "min", "val_bleu": "max", "val_chrf": "max"}
+"""Validation metrics `trainer.best_metric` may select checkpoints by, with the direction that is better."""
+
 
 @dataclass
 class TrainerConfig:
@@ -62,7 +65,18 @@ class TrainerConfig:
     checkpoint_every: int = 500
     """Save a checkpoint every this many steps (and always at the end)."""
     keep_last: int = 2
-    """Checkpoints kept; older ones are deleted."""
+    """Checkpoints kept besides the latest: the newest ones, or with `best_metric` the best validated ones
+    (Ray Train always keeps the latest too, for resume)."""
+    best_metric: str = "val_loss"
+    """Validation metric that picks the checkpoint the package is made from: `val_loss`, `val_ppl`, `val_bleu`
+    or `val_chrf` (the two last need `val_metric_samples`), or `none` (the last step). A validation that
+    improves it saves a checkpoint at that step, and checkpoints are kept best-first."""
+    patience: int = 0
+    """Stop the run after this many validations in a row without an improvement of `best_metric`
+    (0 = never; needs `val_every`). The package is still the best checkpoint."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one worker's device, the denominator of `mfu`; 0 = look it up (known GPUs) or
+    measure a float32 matmul (CPU)."""
     val_every: int = 0
     """Validation loss and perplexity every this many steps (0 = only at the end)."""
     val_batches: int = 20
@@ -113,6 +127,7 @@ class TrainerConfig:
         if self.max_bad_steps < 0 or self.collective_timeout_s < 1:
             raise ValueError("trainer.max_bad_steps/collective_timeout_s: need max_bad_steps >= 0 and "
                              f"collective_timeout_s >= 1, got {self.max_bad_steps}, {self.collective_timeout_s}")
+        self.check_selection()
         if self.freeze not in FREEZE:
             raise ValueError(f"trainer.freeze: must be one of {', '.join(FREEZE)}, got {self.freeze!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -120,6 +135,22 @@ class TrainerConfig:
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("trainer.lr/warmup_steps/min_lr_ratio: need lr > 0, warmup_steps >= 0, "
                              f"0 <= min_lr_ratio <= 1 (got {self.lr}, {self.warmup_steps}, {self.min_lr_ratio})")
+
+    def check_selection(self) -> None:
+        if self.best_metric != "none" and self.best_metric not in BEST_METRICS:
+            raise ValueError(f"trainer.best_metric: must be none or one of {', '.join(BEST_METRICS)}, "
+                             f"got {self.best_metric!r}")
+        if self.best_metric in ("val_bleu", "val_chrf") and not self.val_metric_samples:
+            raise ValueError(f"trainer.best_metric: {self.best_metric} needs trainer.val_metric_samples > 0")
+        if self.patience < 0 or self.peak_flops < 0:
+            raise ValueError(f"trainer.patience/peak_flops: must be >= 0, got {self.patience}, {self.peak_flops}")
+        if self.patience and (not self.val_every or self.best_metric == "none"):
+            raise ValueError("trainer.patience: needs trainer.val_every > 0 and a trainer.best_metric")
+
+    @property
+    def best_mode(self) -> str:
+        """`min` or `max`: which direction of `best_metric` is better."""
+        return BEST_METRICS.get(self.best_metric, "min")
 
     def derived_global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.num_workers

@@ -34,6 +34,7 @@ from .engine import build_engine
 from .models import ModelConfig, Seq2SeqModel, build_model
 from .package import load_package
 from .run_folder import RunFolder
+from .selection import RANK_KEY, checkpoint_rank, observe
 from .throughput import StepTimer, device_peak_flops
 from .val_samples import SampleRow, ValidationSamples, scores
 from .watchdog import StallWatchdog
@@ -53,8 +54,6 @@ class WorkerJob:
     """`run.dir`: a local path or an object-storage URL (worked on through a local mirror, see run_folder)."""
     pretrained: str = ""
     """Model package whose weights initialise the model (fine-tuning)."""
-    peak_flops: float = 0.0
-    """Device peak FLOP/s for MFU; 0 = look it up (GPU) or measure it (CPU)."""
     make_tracker: Callable[..., Any] | None = None
     """Rank 0 calls make_tracker(resume_from_step=...) to get an object with log/summary/finish."""
     checkpoint_root: str = ""
@@ -100,6 +99,7 @@ class Worker:
         self.grad_norm = 0.0  # before clipping, of the last optimizer step (ZeRO-0 only; else DeepSpeed's)
         self.bad_steps = 0  # batches skipped for a non-finite loss on some rank (trainer.max_bad_steps)
         self.nan_fired = False  # chaos.nan_at_step poisons one batch once
+        self.validated: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the last validation
         saved_world = ckpt.saved_world_size(checkpoint) if checkpoint else world_size
         self.load_universal = saved_world != world_size and job.deepspeed.zero_stage > 0
         self.model, self.num_parameters, self.num_frozen = self.build_model()
@@ -108,7 +108,7 @@ class Worker:
         self.batcher = build_batcher(job.data, job.objective, rank=rank, world_size=world_size, seed=self.cfg.seed)
         self.state = ckpt.TrainState(wandb_run_id=job.wandb_run_id, config_sha256=job.config_sha256,
                                      world_size=world_size)
-        self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=job.peak_flops)
+        self.peak = device_peak_flops(on_gpu=self.on_gpu, precision=self.precision, configured=self.cfg.peak_flops)
         self.samples = ValidationSamples.load(job.data, job.objective, seed=self.cfg.seed,
                                               count=max(self.cfg.val_samples, self.cfg.val_metric_samples))
         if checkpoint:
@@ -181,13 +181,14 @@ class Worker:
         batches = self.batches()
         timer, window = StepTimer(), Window()
         start_step, t_start = self.state.step, time.perf_counter()
-        while self.state.step < self.cfg.max_steps:
+        while self.state.step < self.cfg.max_steps and not self.state.stopped_early:
             loss, tokens = self.train_step(batches, timer)
             self.state.step += 1
             window.add(loss, tokens)
             self.after_step(timer, window, start_step, t_start)
             self.sink.step_done()
-        self.validate_and_log()
+        if self.validation_at(self.state.step) is None:  # an early stop has just validated this step
+            self.validate_and_log()
         if self.state.step > start_step:  # a restore at max_steps re-saving step_N: Ray Train would delete it
             self.save_checkpoint(final=True)
 
@@ -252,13 +253,14 @@ class Worker:
             epoch += 1
 
     def after_step(self, timer: StepTimer, window: "Window", start_step: int, t_start: float) -> None:
-        step = self.state.step
+        step, improved = self.state.step, False
         if step % self.cfg.log_every == 0:
             self.log_train(timer, window, start_step, t_start)
         if self.cfg.val_every and step % self.cfg.val_every == 0 and step < self.cfg.max_steps:
-            self.validate_and_log()
-        if step % self.cfg.checkpoint_every == 0 and step < self.cfg.max_steps:
-            self.save_checkpoint(final=False)
+            improved = self.validate_and_log()
+        finishing = step >= self.cfg.max_steps or self.state.stopped_early  # the final checkpoint follows
+        if (step % self.cfg.checkpoint_every == 0 or improved) and not finishing:
+            self.save_checkpoint(final=False)  # an improvement is kept as a checkpoint: the package may be it
         self.maybe_fail()
 
     # --- logging, validation -----------------------------------------------------
@@ -283,19 +285,31 @@ class Worker:
         self.sink.log(self.state.step, metrics,
                       line=progress_line(self.state.step, self.cfg.max_steps, metrics, start_step, t_start))
 
-    def validate_and_log(self) -> None:
-        """Validation on every rank; rank 0 logs it; Ray Train (and Ray Tune above it) receives it."""
+    def validate_and_log(self) -> bool:
+        """Validation on every rank; rank 0 logs it; Ray Train (and Ray Tune above it) receives it.
+        True when it improved `trainer.best_metric` (the same answer on every rank: the metrics are reduced)."""
         import ray.train
 
         metrics = self.validate()
         if not metrics:
-            return
+            return False
         shown, scored = self.decode_samples()
         metrics.update(scored)
+        self.validated = (self.state.step, dict(metrics))
+        improved = observe(self.state, self.cfg, metrics)
+        if self.state.best_value is not None:
+            metrics[f"best_{self.cfg.best_metric}"] = self.state.best_value
         ray.train.report({"step": self.state.step, **metrics})
-        line = " ".join(f"{k} {v:.4f}" if k == "val_loss" else f"{k} {v:.2f}" for k, v in metrics.items())
+        line = " ".join(f"{k} {v:.4f}" if k.endswith("val_loss") else f"{k} {v:.2f}" for k, v in metrics.items())
+        if self.state.stopped_early:
+            line += f"; no better {self.cfg.best_metric} in {self.cfg.patience} validations (trainer.patience): stop"
         self.sink.log(self.state.step, metrics, line=f"step {self.state.step}: {line}")
         self.sink.samples(self.state.step, shown)
+        return improved
+
+    def validation_at(self, step: int) -> dict[str, float] | None:
+        """The metrics of the validation made at `step`, if the last one was."""
+        return self.validated[1] if self.validated and self.validated[0] == step else None
 
     def decode_samples(self) -> tuple[list[SampleRow], dict[str, float]]:
         """Greedy outputs of the fixed validation sources (every rank, the same ones) and, with
@@ -339,7 +353,8 @@ class Worker:
         self.state.data = self.batcher.state_dict(consumed=self.consumed)
         with tempfile.TemporaryDirectory(prefix="seqfoundry-ckpt-") as folder:
             tag = ckpt.save(self.engine, folder, self.state, rank=self.rank)
-            metrics = {"step": self.state.step, "tag": tag, "final": final}
+            metrics = {"step": self.state.step, "tag": tag, "final": final,
+                       RANK_KEY: checkpoint_rank(self.cfg, self.validation_at(self.state.step), self.state.step)}
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=tag)
         self.sink.checkpoint_saved(step=self.state.step, tag=tag)
 

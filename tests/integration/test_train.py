@@ -13,21 +13,14 @@ from safetensors.torch import load_file
 
 from orchestrator.cli import main
 from trainers.models import ModelConfig, build_model
-from trainers.package import Lineage, load_package, write_package
+from trainers.package import Lineage, load_package, read_lineage, write_package
 from tests.helpers.data import prepare_tiny
 from tests.helpers.wandb_offline import history, run_ids
 
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return prepare_tiny(tmp_path_factory.mktemp("data") / "tiny")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +211,36 @@ def test_incompatible_packages_are_refused(tiny_data, tmp_path, capsys):
     for command in ("finetune", "pretrain"):
         line = one_line_error(capsys, [command, *base(tiny_data, tmp_path / "r", f"pretrained={tmp_path / 'pforeign'}")])
         assert "tokenizer.json" in line and "differs from the data's tokenizer" in line
+
+
+# --- model selection: trainer.best_metric, trainer.patience ---------------------------------------
+
+def test_the_package_is_the_checkpoint_with_the_best_validation_loss(tiny_data, tmp_path):
+    """The package's step is the argmin of val_loss in metrics.jsonl (the reference), whatever the
+    trajectory; with trainer.best_metric=none it is the last step."""
+    run = tmp_path / "run"
+    assert main(["pretrain", *base(tiny_data, run, "trainer.num_workers=1", "trainer.max_steps=8",
+                                   "trainer.val_every=2", "trainer.lr=3e-3", "trainer.keep_last=1")]) == 0
+    validated = [(m["val_loss"], -m["step"]) for m in metrics(run) if "val_loss" in m]
+    assert len(validated) == 4
+    best_loss, best_step = min(validated)[0], -min(validated)[1]
+    assert read_lineage(run / "model").step == best_step
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert f"step_{best_step:08d}" in kept and "step_00000008" in kept  # the best and the latest
+    assert metrics(run)[-1]["best_val_loss"] == pytest.approx(best_loss)
+    last = tmp_path / "last"
+    assert main(["pretrain", *base(tiny_data, last, "trainer.num_workers=1", "trainer.max_steps=4",
+                                   "trainer.val_every=2", "trainer.best_metric=none")]) == 0
+    assert read_lineage(last / "model").step == 4
+
+
+def test_patience_stops_a_run_that_no_longer_improves(tiny_data, tmp_path):
+    """lr 1e-12 leaves the fp32 weights unchanged, so the second validation cannot improve on the first:
+    patience=1 stops there, and the package is the first validation's checkpoint."""
+    run = tmp_path / "run"
+    assert main(["pretrain", *base(tiny_data, run, "trainer.num_workers=1", "trainer.max_steps=20",
+                                   "trainer.val_every=2", "trainer.patience=1", "trainer.lr=1e-12",
+                                   "trainer.schedule=constant")]) == 0
+    steps = [m["step"] for m in metrics(run)]
+    assert max(steps) == 4
+    assert read_lineage(run / "model").step == 2

@@ -271,3 +271,68 @@ def test_export_package_averages_the_given_checkpoints(tmp_path):
     for key, value in packaged.items():
         torch.testing.assert_close(value, (states[0][key] + states[1][key] + states[2][key]) / 3)
     assert read_lineage(out).extra["averaged_checkpoints"] == ["ckpt2", "ckpt0", "ckpt1"]
+
+
+# --- model selection: trainer.best_metric and trainer.patience ----------------------------------
+
+from trainers.checkpoint import TrainState  # noqa: E402
+from trainers.selection import RANK_KEY, UNVALIDATED, best_of, checkpoint_rank, observe  # noqa: E402
+
+
+def _replay(values: list[float], cfg: TrainerConfig) -> tuple[TrainState, list[bool]]:
+    state, improved = TrainState(), []
+    for i, value in enumerate(values, start=1):
+        if state.stopped_early:
+            break
+        state.step = i * cfg.val_every
+        improved.append(observe(state, cfg, {cfg.best_metric: value, "val_other": 0.0}))
+    return state, improved
+
+
+def test_best_metric_follows_its_direction_and_ignores_non_finite_values():
+    loss = TrainerConfig(val_every=10, best_metric="val_loss")
+    state, improved = _replay([3.0, 2.5, 2.7, float("nan"), 2.4, 2.4], loss)
+    assert improved == [True, True, False, False, True, False]
+    assert (state.best_value, state.best_step, state.since_best) == (2.4, 50, 1)
+    chrf = TrainerConfig(val_every=10, best_metric="val_chrf", val_metric_samples=4)
+    state, improved = _replay([30.0, 35.0, 34.0, float("inf")], chrf)
+    assert improved == [True, True, False, False] and state.best_step == 20
+
+
+def test_patience_stops_after_that_many_validations_without_improvement():
+    cfg = TrainerConfig(val_every=5, patience=2)
+    state, improved = _replay([3.0, 2.0, 2.1, 1.9, 2.0, 2.0, 1.0], cfg)
+    # 2.1 (1 without), 1.9 resets, 2.0 (1), 2.0 (2) -> stop; 1.0 is never seen
+    assert improved == [True, True, False, True, False, False]
+    assert state.stopped_early and state.step == 30 and state.best_step == 20
+    state, _ = _replay([3.0, 2.0, 2.1], TrainerConfig(val_every=5, patience=0))
+    assert not state.stopped_early
+
+
+def test_checkpoints_rank_validated_by_metric_above_unvalidated_by_step():
+    loss = TrainerConfig(best_metric="val_loss")
+    ranks = {"step_00000010": checkpoint_rank(loss, {"val_loss": 2.0}, 10),
+             "step_00000020": checkpoint_rank(loss, {"val_loss": 1.5}, 20),
+             "step_00000030": checkpoint_rank(loss, None, 30), "step_00000040": checkpoint_rank(loss, None, 40),
+             "step_00000050": checkpoint_rank(loss, {"val_loss": 1.5}, 50)}  # equal: no improvement
+    assert sorted(ranks, key=ranks.get)[:4] == ["step_00000030", "step_00000040", "step_00000010", "step_00000020"]
+    records = [{"checkpoint_dir_name": name, "metrics": {RANK_KEY: r}} for name, r in ranks.items()]
+    assert best_of(records) == "step_00000020"  # of equal ranks the earliest, as observe() keeps it
+    unvalidated = [r for r in records if r["checkpoint_dir_name"] in ("step_00000030", "step_00000040")]
+    assert best_of(unvalidated) is None
+    assert best_of([{"checkpoint_dir_name": "step_00000003", "metrics": {"step": 3}}]) is None  # best_metric=none
+    assert checkpoint_rank(TrainerConfig(best_metric="val_bleu", val_metric_samples=2), {"val_bleu": 30.0}, 5) == 30.0
+    assert UNVALIDATED + 40 < -1e6
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"best_metric": "bleu"}, "trainer.best_metric"),
+    ({"best_metric": "val_bleu"}, "trainer.best_metric"),  # needs val_metric_samples
+    ({"patience": 3}, "trainer.patience"),  # needs val_every
+    ({"patience": 3, "val_every": 5, "best_metric": "none"}, "trainer.patience"),
+    ({"patience": -1}, "trainer.patience"),
+    ({"peak_flops": -1.0}, "trainer.patience/peak_flops"),
+])
+def test_bad_selection_keys_are_refused_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        TrainerConfig(**override)
