@@ -37,11 +37,10 @@ from .chunks import token_chunks
 from .config import DataConfig
 from .formats import ReadSpec, SourceFile, list_sources
 from .filters import TextFilter
-from .scale import EncodeSpec, Runner, report_filters, run_corpus, train_from_sample
+from .scale import EncodeSpec, Runner, run_corpus, train_from_sample
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
-from .sources import (SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate,
-                      expand_sources, file_documents, source_names, split_documents)
+from .sources import SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate, split_documents
 from .storage import as_path, check_writable, is_remote, local_copy, mirror_dir, remove_tree, upload
 from .tokenizer import (Specials, check_specials, load_tokenizer, sentence_end_ids, sentinel_token,
                         train_tokenizer)
@@ -145,20 +144,13 @@ def target_folder(data_dir: str) -> Path:
 
 
 def collect_documents(cfg: DataConfig) -> list[Document]:
+    """The built-in corpus's documents (read in the driver: a few MB, a fixed size)."""
     limits = TextLimits(min_words=cfg.min_words, max_words=cfg.max_words)
-    if not cfg.sources:
-        return deduplicate(builtin_documents(cfg.task, limits, cfg.max_documents))
-    docs = file_documents(expand_sources(cfg.sources), cfg.task, limits)
-    return deduplicate(itertools.islice(docs, cfg.max_documents or None))
+    return deduplicate(builtin_documents(cfg.task, limits, cfg.max_documents))
 
 
 def describe_source(cfg: DataConfig) -> dict:
-    if cfg.sources:
-        files = expand_sources(cfg.sources)
-        source: dict = {"files": [{"path": str(p.resolve()), "name": name, "sha256": sha256_file(p)}
-                                  for p, name in zip(files, source_names(files))]}
-    else:
-        source = {"corpus": builtin_corpus_name()}
+    source: dict = {"corpus": builtin_corpus_name()}
     if cfg.tokenizer:
         source["tokenizer_sha256"] = sha256_file(cfg.tokenizer)
     return source

@@ -466,27 +466,27 @@ def deduplicate(hashes: list, entries: int, runner: Runner, progress: bool) -> t
 
 def encode_and_write(files, spec, caps, enc: EncodeSpec, drop_refs: list, runner: Runner, out: Path,
                      total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
+    """Encode every file (in file order) and cut each split's pieces into shards as they arrive."""
     cutters = {s: ShardCutter(s, enc.shard_samples, out) for s in SPLITS}
-    writes: dict[str, list] = {s: [] for s in SPLITS}
+    writes: dict[str, list[tuple[str, Any]]] = {s: [] for s in SPLITS}  # (shard path, result ref)
+
+    def write(split: str, jobs: list[tuple]) -> None:
+        writes[split] += [(job[0], runner.submit(write_shard, *job, here=True)) for job in jobs]
+
     jobs = [(i, f, spec, c, enc, *drop_refs) for i, (f, c) in enumerate(zip(files, caps))]
-    with bar("tokenize", total, "sample", progress) as tb, bar("write", None, "shard", progress) as wb:
+    with bar("tokenize", total, "sample", progress) as tb:
         for gen in runner.windowed(encode_file, jobs, num_returns="streaming"):
             for meta in gen:
                 split, n = runner.get(meta)
-                for job in cutters[split].add(next(gen), n):
-                    writes[split].append(runner.submit(write_shard, *job, here=True))
+                write(split, cutters[split].add(next(gen), n))
                 tb.update(n)
-        for split, cutter in cutters.items():
-            writes[split] += [runner.submit(write_shard, *job, here=True) for job in cutter.flush()]
-        written = {}
+    for split, cutter in cutters.items():
+        write(split, cutter.flush())
+    written: dict[str, list[WrittenShard]] = {s: [] for s in SPLITS}
+    with bar("write", sum(map(len, writes.values())), "shard", progress) as wb:
         for split in SPLITS:
-            written[split] = []
-            for ref, job in zip(writes[split], _paths(writes[split], cutters[split])):
+            for path, ref in writes[split]:
                 samples, tokens, _, _ = runner.get(ref)
-                written[split].append(WrittenShard(Path(job), samples, tokens))
+                written[split].append(WrittenShard(Path(path), samples, tokens))
                 wb.update(1)
     return written
-
-
-def _paths(refs: list, cutter: ShardCutter) -> list[str]:
-    return [str(cutter.out / f"{cutter.split}-{k:06d}.tar") for k in range(len(refs))]

@@ -86,6 +86,7 @@ def test_two_task_counts_in_two_processes_give_the_same_bytes(corpus, tmp_path):
     assert (tmp_path / "out0" / "manifest.json").stat().st_mtime_ns == stamp  # unchanged folder: nothing done
 
 
+@pytest.mark.slow
 def test_pretrain_on_lines_and_finetune_on_tsv(tmp_path, capsys):
     (tmp_path / "mono.txt").write_text("\n".join(lines(400, 1)) + "\n")
     rng = random.Random(3)
@@ -110,3 +111,13 @@ def test_pretrain_on_lines_and_finetune_on_tsv(tmp_path, capsys):
                  "objective=pairs", f"pretrained={run / 'model'}"]) == 0
     assert (ft / "model" / "model.safetensors").is_file()
     assert [json.loads(x)["step"] for x in (ft / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1] == 2
+
+
+def test_a_bad_row_found_by_a_task_is_one_line_naming_the_file(tmp_path, capsys):
+    rows = [json.dumps({"src": f"a {i}", "tgt": f"b {i}"}) for i in range(30)]
+    (tmp_path / "p.jsonl").write_text("\n".join(rows[:20] + ["{broken"] + rows[20:]) + "\n")
+    code = main(["prepare", "data=pairs", f"data.sources=[{tmp_path / 'p.jsonl'}]", f"data.dir={tmp_path / 'out'}",
+                 "data.vocab_size=300", "data.num_sentinels=4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("seqfoundry prepare: error: data.sources:") and "p.jsonl:21" in err[-1]
+    assert not (tmp_path / "out" / "manifest.json").exists()
