@@ -78,7 +78,8 @@ class DataConfig:
     task: str = "restore"
     """Samples: `text` (clean text), `restore` (+ source without punctuation/casing) or `pairs` (JSONL src/tgt)."""
     max_documents: int = 0
-    """Read at most this many documents (modules, files, JSONL documents); 0 = all."""
+    """Read at most this many documents, the first in corpus order (built-in modules, `text` files, line groups
+    or `fields.doc` values); 0 = all."""
     min_words: int = 6
     """Filter `min_words`: monolingual samples shorter than this are dropped (words, or characters for scripts
     written without spaces: Chinese, Japanese, Thai, ...)."""

@@ -37,7 +37,7 @@ from .chunks import token_chunks
 from .config import DataConfig
 from .formats import ReadSpec, SourceFile, list_sources
 from .filters import TextFilter
-from .scale import EncodeSpec, Runner, run_corpus, train_from_sample
+from .scale import EncodeSpec, Runner, reduce_samples, run_corpus, train_from_sample
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, bad_files, write_manifest
 from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_file
 from .sources import SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate, split_documents
@@ -98,6 +98,11 @@ def plan_files(cfg: DataConfig, folder: Path) -> Plan:
         files = list_sources(cfg.sources, cfg.format, cfg.target_sources)
     except OSError as err:
         raise ValueError(f"data.sources: {err}") from None
+    if cfg.task == "pairs":
+        mono = next((f for f in files if f.format in ("text", "lines")), None)
+        if mono:
+            raise ValueError(f"data.format: task 'pairs' needs source/target pairs; {mono.path} reads as "
+                             f"{mono.format!r} (use jsonl, tsv, parquet, parallel or hf)")
     source = {"files": [file_entry(f) for f in files]}
     if cfg.tokenizer:
         source["tokenizer_sha256"] = sha256_file(cfg.tokenizer)
@@ -262,7 +267,8 @@ def run_files(plan: Plan, staging: Path, *, progress: bool, use_ray: bool) -> Ma
         if given:
             return given[0].to_str()
         train = partial(_trained_json, cfg.tokenizer_type, cfg.vocab_size, sentinels)
-        return runner.get(runner.submit(train_from_sample, train, cfg.tokenizer_sample_bytes, *samples))
+        merged = reduce_samples(runner, cfg.tokenizer_sample_bytes, samples)
+        return runner.get(runner.submit(train_from_sample, train, cfg.tokenizer_sample_bytes, *merged))
 
     def encoding(tok_json: str) -> EncodeSpec:
         tok = Tokenizer.from_str(tok_json)

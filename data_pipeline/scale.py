@@ -4,8 +4,8 @@
              de-duplication, and the file's bottom-k sample for the tokenizer (by content hash)
     dedup    one task a hash partition (hash mod P): sorts its entries by (hash, file, position) and
              drops all but the first of each hash; returns the dropped (file, position) pairs
-    train    one task (when no tokenizer is given): the globally smallest content hashes whose text
-             adds up to `data.tokenizer_sample_bytes`, in hash order
+    train    (when no tokenizer is given) a tree of merge tasks, then one training task: the globally
+             smallest content hashes whose text adds up to `data.tokenizer_sample_bytes`, in hash order
     encode   one streaming task a file: reads the file again, drops the duplicates, tokenizes in batches
              and yields pieces of at most `shard_samples` samples of one split (tar bytes + offsets)
     write    one task a shard, on the driver's node: the slices of pieces that make samples
@@ -211,8 +211,9 @@ def dropped_positions(file_index: int, drop_arrays: tuple[np.ndarray, ...]) -> s
 # --- tokenizer sample -------------------------------------------------------------------------------
 
 
-def merged_sample(budget: int, *samples: list) -> list[str]:
-    """The global bottom-k of the per-file samples: texts in hash order, at most `budget` bytes."""
+def merge_samples(budget: int, *samples: list) -> list:
+    """The bottom-k (in hash order, at most `budget` bytes, each hash once) of several bottom-k samples.
+    Associative: merging in any grouping gives the global one, so a tree of small merges bounds memory."""
     out, used, seen = [], 0, set()
     for h, texts, size in heapq.merge(*samples):
         if h in seen:
@@ -221,8 +222,20 @@ def merged_sample(budget: int, *samples: list) -> list[str]:
             break
         seen.add(h)
         used += size
-        out.extend(texts)
+        out.append((h, texts, size))
     return out
+
+
+def merged_sample(budget: int, *samples: list) -> list[str]:
+    """The texts of the global bottom-k, in hash order."""
+    return [t for _, texts, _ in merge_samples(budget, *samples) for t in texts]
+
+
+def reduce_samples(runner: Runner, budget: int, refs: list, fan_in: int = 4) -> list:
+    """Per-file samples merged by a tree of `merge_samples` tasks (each holds at most `fan_in` samples)."""
+    while len(refs) > 1:
+        refs = [runner.submit(merge_samples, budget, *refs[i:i + fan_in]) for i in range(0, len(refs), fan_in)]
+    return refs
 
 
 def train_from_sample(train: Callable[[list[str]], str], budget: int, *samples: list) -> str:

@@ -21,7 +21,7 @@ from data_pipeline import DataConfig, Manifest, ShardStream, detokenize, load_to
 from data_pipeline.config import FieldsConfig
 from data_pipeline.filters import TextFilter, filter_text, text_units
 from data_pipeline.formats import ReadSpec, list_sources, records, split_of
-from data_pipeline.scale import BottomK, merged_sample
+from data_pipeline.scale import BottomK, Runner, merged_sample, reduce_samples
 
 KEEP_ALL = TextFilter(min_words=1, max_words=10_000, min_alpha=0.0, drop_code=False)
 WORDS = "river mountain walks sees birds number quick brown fox lazy dog sun moon".split()
@@ -286,6 +286,11 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
 
     one = sample(1)
     assert one == sample(3) == sample(17) and 0 < sum(len(t.encode()) for t in one) <= budget
+    parts = [BottomK(budget) for _ in range(9)]
+    for i, (h, texts) in enumerate(items):
+        parts[i % 9].add(h, texts)
+    tree = reduce_samples(Runner(use_ray=False), budget, [p.items() for p in parts], fan_in=2)
+    assert [t for _, texts, _ in tree[0] for t in texts] == one  # merged as a tree of small merges
 
 
 # --- object storage ----------------------------------------------------------------------------------------
@@ -318,3 +323,16 @@ def test_fast_tar_headers_equal_tarfiles():
         info.size, info.mtime, info.mode = size, 0, 0o444
         info.uname = info.gname = "seqfoundry"
         assert ustar_header(name.encode(), size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def test_max_documents_keeps_the_first_documents_of_the_corpus(tmp_path):
+    for i in range(4):
+        (tmp_path / f"f{i}.txt").write_text("\n".join(f"line {i} {j} with a few more words" for j in range(30)) + "\n")
+    m = prepare(cfg(tmp_path, sources=[str(tmp_path / "f*.txt")], format="lines", task="text", doc_lines=10,
+                    max_documents=5, valid_fraction=0, test_fraction=0), progress=False, use_ray=False)
+    assert sorted(t for _, t in read_back(m.folder)["train"]) == sorted(
+        f"line {i} {j} with a few more words" for i in range(2) for j in range(30) if (i, j // 10) < (1, 2))
+    (tmp_path / "x.txt").write_text("plain text\n")
+    with pytest.raises(ValueError, match=r"data.format: task 'pairs' needs source/target pairs; .*x.txt"):
+        prepare(cfg(tmp_path, dir=str(tmp_path / "p"), task="pairs", sources=[str(tmp_path / "x.txt")]),
+                progress=False, use_ray=False)
