@@ -7,7 +7,8 @@ with a lineage record (`pipeline.json`) linking every artifact to its parents.
     seqfoundry pipeline pipeline.data=data/tiny pretrained=runs/p1/model   # reuse outputs made elsewhere
 
 Layout: `<run.dir>/data`, `<run.dir>/pretrain` (a training run folder),
-`<run.dir>/sweep` (trials), `<run.dir>/eval`, `<run.dir>/pipeline.json`.
+`<run.dir>/sweep` (trials), `<run.dir>/eval`, `<run.dir>/pipeline.json`; with
+`pipeline.compare_scratch=true` also `<run.dir>/scratch` and `<run.dir>/scratch_eval`.
 All stages share one Ray session and one W&B group.
 """
 
@@ -18,8 +19,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ..cluster import ray_session
-from ..config import ConfigError, JobConfig, require_local
+from ..config import ConfigError, JobConfig, require_local, to_typed
 from ..evaluation.result import EvalResult
 from .lineage import LineageGraph, log_to_wandb, make_record
 
@@ -64,10 +67,13 @@ def run(job: JobConfig) -> int:
         pretrained = stage_pretrain(job, f, lineage, data)
         finetuned = stage_sweep(job, f, lineage, data, pretrained)
         results = stage_evaluate(job, f, lineage, data, finetuned)
+        gain = stage_scratch(job, f, lineage, data, results) if job.pipeline.compare_scratch else None
     for record in lineage.records.values():
         log_to_wandb(job.tracking, lineage, record, run_dir=f.root)
     lineage.write()
     print_results(results, lineage)
+    if gain:
+        print_gain(gain)
     return 0
 
 
@@ -164,6 +170,64 @@ def stage_evaluate(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path
     lineage.add(make_record("evaluation", "results", results, parents=["finetuned", "data"],
                             wandb_run_id=loaded.wandb_run_id, reused=reused))
     return loaded
+
+
+def stage_scratch(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path, results: EvalResult) -> dict:
+    """`pipeline.compare_scratch`: the best trial's fine-tune again from random weights, evaluated with the
+    first strategy; what pretraining gained goes into `pipeline.json` (metadata `pretraining_gain`)."""
+    from ..evaluation.command import run as evaluate
+    from ..sweep.command import best_trial
+    from ..train import train
+
+    strategy = str(job.eval.strategies[0]).strip()  # its row name in the results
+    package, eval_dir = f.root / "scratch" / "model", f.root / "scratch_eval"
+    reused = (package / "model.safetensors").is_file()
+    if not reused:
+        check(train(scratch_job(job, f, data, best_trial(f.sweep)), kind="pretrain"), "scratch")
+    if not (eval_dir / "eval_results.json").is_file():
+        eval_job = stage_job(job, run_dir=eval_dir, data_dir=data)
+        eval_job = dataclasses.replace(eval_job, eval=dataclasses.replace(
+            eval_job.eval, package=str(package), strategies=[strategy], baseline="none"))
+        check(evaluate(eval_job), "scratch evaluation")
+    scratch = EvalResult.from_json(json.loads((eval_dir / "eval_results.json").read_text()))
+    gain = pretraining_gain(results, scratch, strategy=strategy)
+    lineage.metadata["pretraining_gain"] = gain
+    lineage.add(make_record("scratch", "model", package, parents=["data"],
+                            wandb_run_id=run_json(f.root / "scratch").get("wandb_run_id"), reused=reused,
+                            metadata={"pretraining_gain": gain}))
+    return gain
+
+
+def scratch_job(job: JobConfig, f: Folders, data: Path, best: dict) -> JobConfig:
+    """The best trial's config (its sampled values over the sweep's) with random initial weights and nothing
+    frozen: a frozen random embedding would handicap the comparison, not measure pretraining."""
+    cfg = OmegaConf.structured(finetune_job(job, run_dir=f.root / "scratch", data_dir=data, pretrained=""))
+    for key, value in (best.get("config") or {}).items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.trainer.freeze = "none"
+    cfg.resume = False
+    return to_typed(cfg)
+
+
+def pretraining_gain(pretrained: EvalResult, scratch: EvalResult, *, strategy: str) -> dict:
+    """BLEU, chrF and test loss of the pipeline's fine-tuned model and of the same fine-tune from scratch;
+    `gain` is positive where pretraining helped (higher BLEU/chrF, lower loss)."""
+    def row(r: EvalResult) -> dict[str, float]:
+        m = r.strategies[strategy]
+        return {"bleu": m["bleu"], "chrf": m["chrf"], "loss": r.loss}
+
+    a, b = row(pretrained), row(scratch)
+    return {"strategy": strategy, "pretrained": a, "scratch": b,
+            "gain": {"bleu": a["bleu"] - b["bleu"], "chrf": a["chrf"] - b["chrf"], "loss": b["loss"] - a["loss"]}}
+
+
+def print_gain(gain: dict) -> None:
+    a, b, g = gain["pretrained"], gain["scratch"], gain["gain"]
+    print(f"\npretraining gain ({gain['strategy']}, same fine-tune from random weights):")
+    print(f"{'':<12}{'BLEU':>8}{'chrF':>8}{'loss':>8}")
+    for name, r in (("pretrained", a), ("scratch", b)):
+        print(f"{name:<12}{r['bleu']:>8.2f}{r['chrf']:>8.2f}{r['loss']:>8.3f}")
+    print(f"{'gain':<12}{g['bleu']:>+8.2f}{g['chrf']:>+8.2f}{g['loss']:>+8.3f}")
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ class PipelineConfig:
     """Reuse this prepared-data folder instead of preparing `<run.dir>/data`."""
     finetuned: str = ""
     """Reuse this fine-tuned model package instead of sweeping (evaluation then uses it)."""
+    compare_scratch: bool = False
+    """After the evaluation, fine-tune once more from random weights with the best trial's config (same
+    data, steps and sampled values; nothing frozen) into `<run.dir>/scratch`, evaluate it with the first
+    strategy, and report what pretraining gained (`pipeline.json` metadata and the final table). Off by
+    default: it costs a second fine-tune."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]

@@ -63,6 +63,7 @@ class LineageGraph:
     def __init__(self, path: Path, *, group: str):
         self.path, self.group = path, group
         self.records: dict[str, ArtifactRecord] = {}
+        self.metadata: dict[str, Any] = {}  # pipeline-wide results (pipeline.compare_scratch: pretraining_gain)
         self.created = time.time()
 
     def add(self, record: ArtifactRecord) -> ArtifactRecord:
@@ -75,7 +76,7 @@ class LineageGraph:
 
     def write(self) -> None:
         data = {"group": self.group, "created": self.created, "updated": time.time(),
-                "artifacts": [asdict(r) for r in self.records.values()]}
+                "artifacts": [asdict(r) for r in self.records.values()], "metadata": self.metadata}
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.path)

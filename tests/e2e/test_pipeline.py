@@ -16,7 +16,8 @@ from tests.helpers.wandb_offline import offline_runs, records
 ray = pytest.importorskip("ray")
 
 FAST = ["trainer.max_steps=6", "trainer.val_every=3", "trainer.checkpoint_every=100", "trainer.log_every=2",
-        "trainer.warmup_steps=1", "sweep.num_samples=2", "eval.max_samples=16", "data.num_workers=0"]
+        "trainer.warmup_steps=1", "sweep.num_samples=2", "eval.max_samples=16", "data.num_workers=0",
+        "pipeline.compare_scratch=true"]
 
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -35,7 +36,8 @@ def artifacts(root: Path) -> dict[str, dict]:
 
 def test_every_artifact_links_to_its_parents_with_matching_hashes(pipeline_dir):
     arts = artifacts(pipeline_dir)
-    assert set(arts) == {"data", "pretrained", "finetuned", "evaluation"}
+    assert set(arts) == {"data", "pretrained", "finetuned", "evaluation", "scratch"}
+    assert arts["scratch"]["parents"] == ["data"]
     assert arts["data"]["parents"] == []
     assert arts["pretrained"]["parents"] == ["data"]
     assert set(arts["finetuned"]["parents"]) == {"pretrained", "data"}
@@ -65,6 +67,27 @@ def test_results_cover_every_strategy_and_the_artifacts_reach_wandb(pipeline_dir
     logged = {r.artifact.name for path in offline_runs(pipeline_dir) for r in records(path)
               if r.WhichOneof("record_type") == "artifact"}
     assert {name.split("-")[0] for name in logged} >= {"data", "pretrained", "finetuned", "evaluation"}
+
+
+def test_compare_scratch_reports_the_same_fine_tune_from_random_weights(pipeline_dir):
+    """pipeline.compare_scratch: the scratch run is the best trial's config without the pretrained package
+    (nothing frozen), and the gain in pipeline.json is the difference of the two evaluations' own numbers."""
+    arts = artifacts(pipeline_dir)
+    best = yaml.safe_load((Path(arts["finetuned"]["path"]).parent / "config.yaml").read_text())
+    scratch = yaml.safe_load((pipeline_dir / "scratch" / "config.yaml").read_text())
+    assert scratch["pretrained"] in ("", None) and scratch["trainer"]["freeze"] == "none"
+    for key in ("lr", "max_steps", "warmup_steps", "weight_decay"):
+        assert scratch["trainer"][key] == best["trainer"][key], key
+    assert scratch["model"]["dropout"] == best["model"]["dropout"]
+    gain = json.loads((pipeline_dir / "pipeline.json").read_text())["metadata"]["pretraining_gain"]
+    ours = json.loads((pipeline_dir / "eval" / "eval_results.json").read_text())
+    theirs = json.loads((pipeline_dir / "scratch_eval" / "eval_results.json").read_text())
+    assert gain["pretrained"]["bleu"] == ours["strategies"]["greedy"]["bleu"]
+    assert gain["scratch"]["bleu"] == theirs["strategies"]["greedy"]["bleu"]
+    assert gain["gain"]["bleu"] == pytest.approx(gain["pretrained"]["bleu"] - gain["scratch"]["bleu"])
+    assert gain["gain"]["loss"] == pytest.approx(theirs["loss"] - ours["loss"])
+    assert Path(json.loads((pipeline_dir / "scratch" / "model" / "lineage.json").read_text())
+                .get("parent_package") or "").name == ""  # no parent package: random weights
 
 
 def test_a_rerun_reuses_every_stage(pipeline_dir):
