@@ -29,7 +29,6 @@ from .conf_dir import CONF_DIR
 from .evaluation.config import EvalConfig
 from .pipeline.config import PipelineConfig
 from .serve.config import ServeConfig
-from .runs import RunsConfig
 from .sweep.config import SweepConfig
 from .tracking import TrackingConfig
 
@@ -72,6 +71,28 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.num_cpus < 0:
             raise ValueError(f"cluster.num_cpus: must be >= 0, got {self.num_cpus}")
+
+
+RUNS_ACTIONS = ("list", "compare")
+
+
+@dataclass
+class RunsConfig:
+    """`seqfoundry runs list|compare`: a table of run folders, or runs side by side."""
+
+    action: str = "list"
+    """`list` (one row per run folder under `runs.root`) or `compare` (the runs in `runs.dirs`); the first
+    word after `seqfoundry runs` sets it."""
+    root: str = "runs"
+    """Folder (or object-storage URL) whose sub-folders are listed by `runs list`."""
+    dirs: list[str] = field(default_factory=list)
+    """Run folders (paths or URLs) for `runs compare` and for `report run=a,b` overlays."""
+
+    def __post_init__(self) -> None:
+        if self.action not in RUNS_ACTIONS:
+            raise ValueError(f"runs.action: must be list or compare, got {self.action!r}")
+        if not self.root:
+            raise ValueError("runs.root: empty; name a folder or a bucket URL")
 
 
 @dataclass

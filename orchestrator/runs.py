@@ -295,25 +295,3 @@ def saved_run_id(folder: RunFolder) -> str | None:
     folder.pull(RUN_INFO)
     path = folder.local / RUN_INFO
     return RunInfo.load(path).wandb_run_id if path.is_file() else None
-
-
-RUNS_ACTIONS = ("list", "compare")
-
-
-@dataclass
-class RunsConfig:
-    """`seqfoundry runs list|compare`: a table of run folders, or runs side by side."""
-
-    action: str = "list"
-    """`list` (one row per run folder under `runs.root`) or `compare` (the runs in `runs.dirs`); the first
-    word after `seqfoundry runs` sets it."""
-    root: str = "runs"
-    """Folder (or object-storage URL) whose sub-folders are listed by `runs list`."""
-    dirs: list[str] = field(default_factory=list)
-    """Run folders (paths or URLs) for `runs compare` and for `report run=a,b` overlays."""
-
-    def __post_init__(self) -> None:
-        if self.action not in RUNS_ACTIONS:
-            raise ValueError(f"runs.action: must be list or compare, got {self.action!r}")
-        if not self.root:
-            raise ValueError("runs.root: empty; name a folder or a bucket URL")
