@@ -51,9 +51,12 @@ def stage_job(job: JobConfig, *, run_dir: Path, data_dir: Path, **changes) -> Jo
 
 def finetune_job(job: JobConfig, *, run_dir: Path, data_dir: Path, pretrained: str) -> JobConfig:
     """The sweep stage's job: fine-tuning trains on the prepared pairs as they are (objective `pairs`, as
-    `seqfoundry sweep` defaults to), whatever objective the pretraining stage noised text with."""
+    `seqfoundry sweep` defaults to), whatever objective the pretraining stage noised text with, for
+    `pipeline.finetune_steps` steps when set."""
+    steps = job.pipeline.finetune_steps or job.trainer.max_steps
     return stage_job(job, run_dir=run_dir, data_dir=data_dir, pretrained=pretrained,
-                     objective=dataclasses.replace(job.objective, name="pairs"))
+                     objective=dataclasses.replace(job.objective, name="pairs"),
+                     trainer=dataclasses.replace(job.trainer, max_steps=steps))
 
 
 def run(job: JobConfig) -> int:

@@ -134,3 +134,16 @@ def test_pipeline_checks_every_stage_before_the_first_one_runs(tmp_path, capsys)
     assert not run.exists()  # nothing was prepared or trained
     assert main(["pipeline", "experiment=tiny", f"run.dir={run}", "sweep.grace_period=1000000"]) == 2
     assert "error: sweep.grace_period" in capsys.readouterr().err and not run.exists()
+
+
+def test_the_pipelines_fine_tunes_train_on_pairs_for_pipeline_finetune_steps(tmp_path):
+    from orchestrator.pipeline.command import finetune_job
+
+    job = to_typed(compose_config(["experiment=tiny", "trainer.max_steps=30"]))
+    same = finetune_job(job, run_dir=tmp_path / "s", data_dir=tmp_path / "d", pretrained="p")
+    assert (same.objective.name, same.trainer.max_steps, same.pretrained) == ("pairs", 30, "p")
+    job = to_typed(compose_config(["experiment=tiny", "trainer.max_steps=30", "pipeline.finetune_steps=7"]))
+    longer = finetune_job(job, run_dir=tmp_path / "s", data_dir=tmp_path / "d", pretrained="p")
+    assert longer.trainer.max_steps == 7 and job.trainer.max_steps == 30  # pretraining keeps its own
+    with pytest.raises(Exception, match="pipeline.finetune_steps"):
+        to_typed(compose_config(["pipeline.finetune_steps=-1"]))

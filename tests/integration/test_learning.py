@@ -1,0 +1,59 @@
+"""Models that learn, through the real commands (Ray Train, DeepSpeed on the CPU, W&B offline), on a
+small restoration corpus the test writes: a tiny BART pretraining, then the model fine-tuned from it beats
+the copy-the-source baseline that `seqfoundry evaluate` reports beside it.
+
+(Issue 10 also asks that the pretrained model reproduce clean text it is given, chrF >= 80. On this corpus
+it does not yet: after 800 / 1500 BART steps the package turns held-out clean sentences into chrF 70 / 74,
+repeating or inserting words, as a model that was never shown an input without masks. Not asserted here.)
+
+The corpus is CPU-sized on purpose: sentences of a 12-word vocabulary, clean side capitalised with a
+final period, so that two short runs learn what the demo's corpus needs thousands of steps for."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from orchestrator.cli import main
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+WORDS = "red green blue cat dog fish bird tree house river stone cloud".split()
+RUN = ["experiment=tiny", "trainer.num_workers=1", "trainer.micro_batch_size=64", "data.batch.max_tokens=2048",
+       "trainer.log_every=100", "trainer.checkpoint_every=2000", "trainer.val_every=0", "trainer.warmup_steps=50",
+       "trainer.lr=3e-3", "trainer.val_samples=0", "data.num_workers=0", "trainer.max_failures=0"]
+
+
+def sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))).capitalize() + "."
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory) -> Path:
+    """prepare (lines, task restore) -> pretrain (BART) -> finetune (pairs) -> evaluate (greedy)."""
+    root = tmp_path_factory.mktemp("learning")
+    rng = random.Random(0)
+    (root / "corpus.txt").write_text("\n".join(sentence(rng) for _ in range(3000)) + "\n")
+    data = root / "data"
+    assert main(["prepare", "experiment=tiny", "data=lines", "data.task=restore", f"data.dir={data}",
+                 f"data.sources=[{root / 'corpus.txt'}]", "data.doc_lines=20", "data.min_words=3",
+                 "data.min_alpha=0.5", "data.dedup=false", "data.max_documents=0"]) == 0
+    vocab = f"data.vocab_size={Tokenizer.from_file(str(data / 'tokenizer.json')).get_vocab_size()}"  # < 512 here
+    assert main(["pretrain", *RUN, vocab, f"data.dir={data}", f"run.dir={root / 'pretrain'}",
+                 "trainer.max_steps=800"]) == 0
+    assert main(["finetune", *RUN, vocab, f"data.dir={data}", f"run.dir={root / 'finetune'}", "objective=pairs",
+                 f"pretrained={root / 'pretrain' / 'model'}", "trainer.max_steps=300"]) == 0
+    assert main(["evaluate", f"data.dir={data}", f"run.dir={root / 'eval'}", "eval.strategies=[greedy]",
+                 f"eval.package={root / 'finetune' / 'model'}", "eval.max_samples=100", "eval.baseline=copy"]) == 0
+    return root
+
+
+def test_the_fine_tuned_model_beats_copying_its_input(learned):
+    results = json.loads((learned / "eval" / "eval_results.json").read_text())
+    greedy, copy = results["strategies"]["greedy"], results["baselines"]["copy source"]
+    assert greedy["bleu"] >= copy["bleu"] + 10, (greedy["bleu"], copy["bleu"])
+    assert greedy["chrf"] > copy["chrf"], (greedy["chrf"], copy["chrf"])
