@@ -18,9 +18,7 @@ from orchestrator.config import compose_config, to_typed
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def digests(folder: Path) -> dict[str, str]:

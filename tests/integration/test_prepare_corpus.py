@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORDS = "red green blue cat dog fish one two three four five six river sun moon walks sees".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(local_ray):
-    yield
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def digests(folder: Path) -> dict[str, str]:
