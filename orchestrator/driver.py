@@ -88,7 +88,7 @@ def worker_job(run: Run, spec: TrainSpec, *, on_checkpoint: Callable[..., Any] |
     """The typed WorkerJob every rank receives (no job config, no untyped extras)."""
     from trainers.loop import WorkerJob
 
-    tracker = TrackerSpec(spec.tracking, run_dir=run.local, run_id=run.wandb_run_id, name=run.name,
+    tracker = TrackerSpec(spec.tracking, run_dir=run.folder.location, run_id=run.wandb_run_id, name=run.name,
                           config=run.config, job_type=run.kind)
     return WorkerJob(model=run.model, trainer=spec.trainer, deepspeed=spec.deepspeed, data=spec.data,
                      objective=spec.objective, chaos=spec.chaos, run_dir=run.folder.location,

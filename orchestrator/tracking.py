@@ -142,8 +142,9 @@ class TrackerSpec:
     """Picklable recipe for rank 0's Tracker (W&B + metrics.jsonl), made inside the worker."""
 
     tracking: TrackingConfig
-    run_dir: Path
-    """Where rank 0 writes the run's files (the run folder, or its local mirror)."""
+    run_dir: str
+    """The run folder's location (a path or an object-storage URL). Rank 0 writes into its own node's
+    mirror of it (`RunFolder.local`), which it pushes: the driver's mirror path may not exist on that node."""
     run_id: str
     name: str
     config: dict[str, Any]
@@ -151,8 +152,10 @@ class TrackerSpec:
     job_type: str
 
     def __call__(self, *, resume_from_step: int) -> "Tracker":
-        return Tracker(self.tracking, run_dir=self.run_dir, run_id=self.run_id, name=self.name, config=self.config,
-                       resume_from_step=resume_from_step, job_type=self.job_type)
+        from trainers.run_folder import RunFolder
+
+        return Tracker(self.tracking, run_dir=RunFolder(self.run_dir).local, run_id=self.run_id, name=self.name,
+                       config=self.config, resume_from_step=resume_from_step, job_type=self.job_type)
 
 
 class Tracker:
