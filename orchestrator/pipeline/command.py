@@ -49,6 +49,12 @@ def stage_job(job: JobConfig, *, run_dir: Path, data_dir: Path, **changes) -> Jo
         **changes)
 
 
+def evaluation_job(job: JobConfig, *, run_dir: Path, data_dir: Path, package: Path, **changes) -> JobConfig:
+    """An evaluate stage's job: its run folder, the pipeline's data, `package`, and any other `eval.` changes."""
+    staged = stage_job(job, run_dir=run_dir, data_dir=data_dir)
+    return dataclasses.replace(staged, eval=dataclasses.replace(staged.eval, package=str(package), **changes))
+
+
 def finetune_job(job: JobConfig, *, run_dir: Path, data_dir: Path, pretrained: str) -> JobConfig:
     """The sweep stage's job: fine-tuning trains on the prepared pairs as they are (objective `pairs`, as
     `seqfoundry sweep` defaults to), whatever objective the pretraining stage noised text with, for
@@ -164,9 +170,7 @@ def stage_evaluate(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path
     results = f.eval / "eval_results.json"
     reused = results.is_file() or "evaluate" not in job.pipeline.stages
     if not reused:
-        eval_job = stage_job(job, run_dir=f.eval, data_dir=data)
-        eval_job = dataclasses.replace(eval_job, eval=dataclasses.replace(eval_job.eval, package=str(finetuned)))
-        check(evaluate(eval_job), "evaluate")
+        check(evaluate(evaluation_job(job, run_dir=f.eval, data_dir=data, package=finetuned)), "evaluate")
     if not results.is_file():
         raise ConfigError(f"pipeline.stages: {results} missing (run the evaluate stage)")
     loaded = EvalResult.from_json(json.loads(results.read_text()))
@@ -188,10 +192,8 @@ def stage_scratch(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path,
     if not reused:
         check(train(scratch_job(job, f, data, best_trial(f.sweep)), kind="pretrain"), "scratch")
     if not (eval_dir / "eval_results.json").is_file():
-        eval_job = stage_job(job, run_dir=eval_dir, data_dir=data)
-        eval_job = dataclasses.replace(eval_job, eval=dataclasses.replace(
-            eval_job.eval, package=str(package), strategies=[strategy], baseline="none"))
-        check(evaluate(eval_job), "scratch evaluation")
+        check(evaluate(evaluation_job(job, run_dir=eval_dir, data_dir=data, package=package,
+                                      strategies=[strategy], baseline="none")), "scratch evaluation")
     scratch = EvalResult.from_json(json.loads((eval_dir / "eval_results.json").read_text()))
     gain = pretraining_gain(results, scratch, strategy=strategy)
     lineage.metadata["pretraining_gain"] = gain
