@@ -49,6 +49,11 @@ class Batch:
     """Samples of this batch cut to the length limits."""
     num_dropped: int = 0
     """Over-long samples dropped (counted in the batch that follows them)."""
+    bad_shards: tuple[str, ...] = ()
+    """Shards first found unreadable, in the process that read this batch, since its previous batch."""
+    num_bad_samples: int = 0
+    """Samples skipped as bad (ids outside the vocabulary, a missing field) since the previous batch.
+    These two carry the stream's counts out of DataLoader worker processes, whose stream is a copy."""
 
     def __len__(self) -> int:
         return self.src.shape[0]
@@ -137,7 +142,8 @@ class TokenBatcher(IterableDataset):
     """Batches of a rank's stream; use as a DataLoader dataset with `batch_size=None`.
 
     Counters `num_truncated`/`num_dropped` count what this process saw; with
-    DataLoader workers sum `Batch.num_truncated`/`num_dropped` instead.
+    DataLoader workers sum `Batch.num_truncated`/`num_dropped`/`num_bad_samples`
+    and unite `Batch.bad_shards` instead.
     """
 
     def __init__(self, stream: ShardStream, objective: Objective, cfg: BatchConfig, *, seed: int):
@@ -162,30 +168,47 @@ class TokenBatcher(IterableDataset):
         self._progress = Progress()
 
     def __iter__(self) -> Iterator[Batch]:
+        for batches in self.pool_batches():
+            yield from batches
+
+    def pool_batches(self) -> Iterator[list[Batch]]:
+        """The batches of each pool this process plays, one list per pool (an empty one too). DataLoader
+        workers take pools in turn and the DataLoader takes one item from each in turn, so lists come back
+        in pool order: the batches are those of one process, in its order, whatever `num_workers`."""
         self._progress = progress = Progress()
         dropped: list[int] = []  # accounted for by the next batch (a pool may drop all it holds)
+        stream = self.stream
+        reported, bad_samples = set(stream.unreadable), stream.num_bad_samples
         for pool in self._pools():
             dropped += pool.dropped
+            batches = []
             for group in self._ordered(cut_batches(pool.examples, self.cfg)):
                 batch = collate(group, pad_multiple=self.cfg.pad_multiple)
                 batch.num_truncated = sum(1 for e in group if e.index in pool.truncated)
                 batch.indices += dropped
                 batch.num_dropped, dropped = len(dropped), []
+                batch.bad_shards = tuple(s for s in stream.unreadable if s not in reported)
+                batch.num_bad_samples, bad_samples = stream.num_bad_samples - bad_samples, stream.num_bad_samples
+                reported.update(batch.bad_shards)
                 progress.update(batch.indices)
-                yield batch
+                batches.append(batch)
+            yield batches
 
     def _pools(self) -> Iterator["_Pool"]:
-        """Pools of examples, aligned to `__index__ // pool_size`."""
-        pool, pool_id = _Pool(), None
-        for sample in self.stream.samples(block=self.cfg.pool_size):
+        """Pools of examples, aligned to `__index__ // pool_size`: one for each block of this process's
+        share, empty where nothing of it could be read."""
+        size = self.cfg.pool_size
+        pool_ids = iter(np.unique(self.stream.share(size) // size).tolist())
+        pool, pool_id = _Pool(), next(pool_ids, None)
+        for sample in self.stream.samples(block=size):
             index = sample["__index__"]
-            if index // self.cfg.pool_size != pool_id and pool:
+            while index // size != pool_id:
                 yield pool
-                pool = _Pool()
-            pool_id = index // self.cfg.pool_size
+                pool, pool_id = _Pool(), next(pool_ids)
             pool.add(index, *self._example(sample))
-        if pool:
+        if pool_id is not None:
             yield pool
+            yield from (_Pool() for _ in pool_ids)
 
     def _example(self, sample: dict) -> tuple[Example | None, bool]:
         """The objective's example within the length limits (None if dropped), and whether it was cut."""

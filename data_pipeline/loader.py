@@ -18,10 +18,12 @@ skips nothing, whatever each rank consumed.
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader
+from typing import Iterator
 
-from .batching import TokenBatcher
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .batching import Batch, TokenBatcher
 from .config import DataConfig, ObjectiveConfig
 from .manifest import Manifest
 from .objectives import build_objective
@@ -38,11 +40,31 @@ def build_batcher(data: DataConfig, objective: ObjectiveConfig, *, rank: int, wo
     return TokenBatcher(stream, noise, data.batch, seed=seed)
 
 
-def data_loader(batcher: TokenBatcher, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ready batches. Workers are not persistent, so `set_epoch` and
+def data_loader(batcher: TokenBatcher, *, num_workers: int, pin_memory: bool = False) -> "BatchLoader":
+    """Batches from a DataLoader over whole pools: the same batches in the same order for any
+    `num_workers` (see `TokenBatcher.pool_batches`). Workers are not persistent, so `set_epoch` and
     `load_state_dict` reach them (each `iter(loader)` sends them the current stream)."""
     # Its own generator: every `iter(loader)` draws a base seed, which from the global RNG would
     # shift the model's dropout stream after a resume (exact resume needs the same draws).
-    return DataLoader(batcher, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      generator=torch.Generator().manual_seed(0))
+    return BatchLoader(DataLoader(_Pools(batcher), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                                  generator=torch.Generator().manual_seed(0)))
+
+
+class _Pools(IterableDataset):
+    def __init__(self, batcher: TokenBatcher):
+        self.batcher = batcher
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        return self.batcher.pool_batches()
+
+
+class BatchLoader:
+    """Iterates a DataLoader of per-pool batch lists batch by batch."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batches in self.loader:
+            yield from batches

@@ -153,7 +153,7 @@ class ShardStream(IterableDataset):
                                         + "; ".join(self.bad_shards.values() or ["the split is empty"]))
         self.num_samples_total = sum(s.samples for s in self.shards)
         self.epoch = 0
-        self.unreadable_reads = 0  # shards that failed while being read in this process (warned, skipped)
+        self.unreadable: dict[str, str] = {}  # shard -> why it failed while being read in this process (warned)
         self.num_bad_samples = 0  # samples skipped in this process: ids outside the vocabulary, missing fields
         self._segments: dict[int, tuple[int, tuple[int, ...]]] = {}  # epoch -> (cursor, done) not from scratch
         self._restart(self._segment_of(0), Progress())
@@ -163,7 +163,7 @@ class ShardStream(IterableDataset):
     @property
     def num_bad_shards(self) -> int:
         """Shards skipped because they are missing, truncated or altered."""
-        return len(self.bad_shards) + self.unreadable_reads
+        return len(self.bad_shards) + len(self.unreadable)
 
     @property
     def samples_per_rank(self) -> int:
@@ -246,7 +246,7 @@ class ShardStream(IterableDataset):
         for problem in self.bad_shards.values():  # warned at construction too; again for each pass's logs
             warnings.warn(f"skipping shard {problem}", CorruptShardWarning, stacklevel=2)
         positions = self._positions()
-        indices = self._worker_share(self._remaining_indices(len(positions)), block)
+        indices = self.share(block, positions)
         order = EpochOrder(tuple(s.samples for s in self.shards), self.seed, self.epoch, self.shuffle)
         shards, offsets = order.locate(positions[indices])
         self._progress = progress = self._start.copy()
@@ -260,6 +260,12 @@ class ShardStream(IterableDataset):
                 yield {**sample, "__index__": index}
         if not yielded and len(indices) and reader.failed:
             reader.check_any_usable()  # else every later epoch would be empty too: stop, don't spin
+
+    def share(self, block: int = 1, positions: np.ndarray | None = None) -> np.ndarray:
+        """The `__index__` values this process plays from the start point, in order: all of the rank's,
+        or in a DataLoader worker its blocks of `block` (every num_workers-th block)."""
+        n = len(self._positions() if positions is None else positions)
+        return self._worker_share(self._remaining_indices(n), block)
 
     def _positions(self) -> np.ndarray:
         return rank_positions(self.num_samples_total, self._segment, self.rank, self.remainder)
@@ -312,7 +318,7 @@ class _ShardCache:
                 raise ShardCorrupt(f"{info.path}: no usable sample ({bad_reason(samples, bad, self.stream)})")
         except ShardCorrupt as err:
             warnings.warn(f"skipping unreadable shard {err}", CorruptShardWarning, stacklevel=4)
-            self.stream.unreadable_reads += 1
+            self.stream.unreadable[str(info.path)] = str(err)
             self.failed[shard] = str(err)
             return False
         if bad:

@@ -96,6 +96,8 @@ class Worker:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.consumed = Progress()  # stream positions of the batches trained on this epoch
         self.dropped = self.truncated = 0  # over-long samples seen by this rank
+        self.bad_samples = 0  # bad samples this rank's stream skipped (counted where they were read)
+        self.unreadable: set[str] = set()  # shards found unreadable while this rank read them
         self.grad_norm = 0.0  # before clipping, of the last optimizer step (ZeRO-0 only; else DeepSpeed's)
         self.bad_steps = 0  # batches skipped for a non-finite loss on some rank (trainer.max_bad_steps)
         self.nan_fired = False  # chaos.nan_at_step poisons one batch once
@@ -249,6 +251,8 @@ class Worker:
                 self.consumed.update(batch.indices)
                 self.dropped += batch.num_dropped
                 self.truncated += batch.num_truncated
+                self.bad_samples += batch.num_bad_samples
+                self.unreadable.update(batch.bad_shards)
                 yield batch
             epoch += 1
 
@@ -278,8 +282,8 @@ class Worker:
                                else self.engine.get_global_grad_norm() or 0.0), **rates,
             "epoch": self.batcher.stream.epoch, "memory_mb": rss_mb(),
             **({"gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if self.on_gpu else {}),
-            "skipped_shards": self.batcher.stream.num_bad_shards,
-            "bad_samples": self.batcher.stream.num_bad_samples,
+            "skipped_shards": len(self.unreadable.union(self.batcher.stream.bad_shards)),
+            "bad_samples": self.bad_samples,
             "dropped_samples": self.dropped, "truncated_samples": self.truncated, "bad_steps": self.bad_steps,
         }
         self.sink.log(self.state.step, metrics,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -60,17 +61,32 @@ ARCH_BY_ZERO = [("transformer", 0), ("transformer", 1), ("transformer", 2), ("tr
                 ("lstm", 0), ("lstm", 2), ("gru", 1), ("lstm", 3), ("gru", 3)]
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> Callable[[str, int], Path]:
+    """`trained(arch, zero)`: the run folder of a 3-step `base` pretrain (seed 0, the same data), trained
+    once per module: the grid test checks each run, the agreement test compares them."""
+    root, done = tmp_path_factory.mktemp("by_zero"), {}
+
+    def run(arch: str, zero: int) -> Path:
+        if (arch, zero) not in done:
+            folder = root / f"{arch}_zero{zero}"
+            assert main(["pretrain", *base(tiny_data, folder, f"model={arch}", f"deepspeed.zero_stage={zero}")]) == 0
+            done[arch, zero] = folder
+        return done[arch, zero]
+
+    return run
+
+
 @pytest.mark.parametrize("arch, zero", ARCH_BY_ZERO)
-def test_arch_by_zero_stage_trains_or_is_refused(arch, zero, tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    code = main(["pretrain", *base(tiny_data, run, f"model={arch}", f"deepspeed.zero_stage={zero}")])
+def test_arch_by_zero_stage_trains_or_is_refused(arch, zero, trained, tiny_data, tmp_path, capsys):
     if arch != "transformer" and zero == 3:
-        assert code == 2
+        run = tmp_path / "run"
+        assert main(["pretrain", *base(tiny_data, run, f"model={arch}", f"deepspeed.zero_stage={zero}")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "deepspeed.zero_stage" in err[0] and "ZeRO-3 is refused" in err[0]
         assert not run.exists()  # refused before anything was written or requested
         return
-    assert code == 0
+    run = trained(arch, zero)
     rows = [m for m in metrics(run) if "loss" in m]
     assert [m["step"] for m in rows] == [1, 2, 3]
     for m in rows:
@@ -78,6 +94,22 @@ def test_arch_by_zero_stage_trains_or_is_refused(arch, zero, tiny_data, tmp_path
     model = load_package(run / "model")
     assert model.config.arch == arch
     assert json.loads((run / "model" / "lineage.json").read_text())["step"] == 3
+
+
+# The stages only partition the same fp32 arithmetic differently (bucketed all-reduce vs reduce-scatter,
+# a norm summed over partitions): after 3 Adam steps on 2 ranks the weights agree to rounding. A real
+# divergence (a lost gradient bucket, clipping on a partial norm, a skipped update) moves them by ~lr.
+ZERO_AGREEMENT_ATOL = 1e-6
+
+
+def test_the_zero_stages_agree_on_the_weights(trained):
+    reference = weights(trained("transformer", 0) / "model")
+    for zero in (1, 2, 3):
+        other = weights(trained("transformer", zero) / "model")
+        assert other.keys() == reference.keys()
+        gap = max(float((other[k] - reference[k]).abs().max()) for k in reference)
+        print(f"ZeRO-{zero} vs ZeRO-0 after 3 steps: max |dw| = {gap:.3g}")
+        assert gap <= ZERO_AGREEMENT_ATOL, (zero, gap)
 
 
 # --- learning, fine-tuning ---------------------------------------------------------------
@@ -118,14 +150,43 @@ def test_finetune_starts_from_the_package_weights(pretrained, tiny_data, tmp_pat
 
 # --- resume ------------------------------------------------------------------------------
 
-def test_kill_and_resume_equals_the_uninterrupted_run(tiny_data, tmp_path):
-    common = ["trainer.max_steps=8", "trainer.checkpoint_every=3", "model.dropout=0.1", "trainer.log_every=1"]
-    assert main(["pretrain", *base(tiny_data, tmp_path / "clean", *common)]) == 0
+KILL = ["trainer.max_steps=8", "trainer.checkpoint_every=3", "model.dropout=0.1", "trainer.log_every=1",
+        "data.verify=size"]
+
+
+@pytest.fixture(scope="module")
+def damaged_data(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
+    """tiny_data with one train shard broken inside (its size intact: `data.verify=size` lets it through,
+    so whoever reads it finds it, a DataLoader worker included); and that shard."""
+    import shutil
+
+    from data_pipeline import Manifest
+
+    data = tmp_path_factory.mktemp("damaged") / "data"
+    shutil.copytree(tiny_data, data)
+    victim = Manifest.load(data).shards("train")[1].path
+    raw = bytearray(victim.read_bytes())
+    raw[0:8] = b"\x00garbag\x01"  # the first tar header: the shard cannot be read
+    victim.write_bytes(bytes(raw))
+    return data, victim
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(damaged_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(["pretrain", *base(damaged_data[0], run, *KILL)]) == 0
+    return run
+
+
+# Rank 1 killed with the data read in the training process; rank 0 (which holds the tracker and the
+# run-folder pushes) killed with the data read by DataLoader workers (data.num_workers=2, the default's kind).
+@pytest.mark.parametrize("rank, data_workers", [(1, 0), (0, 2)])
+def test_kill_and_resume_equals_the_uninterrupted_run(rank, data_workers, damaged_data, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
-    assert main(["pretrain", *base(tiny_data, killed, *common, "chaos.fail_at_step=5",
-                                   "chaos.fail_rank=1")]) == 0
+    assert main(["pretrain", *base(damaged_data[0], killed, *KILL, "chaos.fail_at_step=5", f"chaos.fail_rank={rank}",
+                                   f"data.num_workers={data_workers}")]) == 0
     assert (killed / ".chaos_fired").exists()  # a worker really died after step 5
-    a, b = weights(tmp_path / "clean" / "model"), weights(killed / "model")
+    a, b = weights(uninterrupted / "model"), weights(killed / "model")
     assert a.keys() == b.keys()
     # Bitwise equal in most runs here; about one run in five ends ~1e-7 apart (a rounding-level
     # difference amplified by Adam; root cause still open, see the notes). A real resume bug (a
@@ -133,10 +194,12 @@ def test_kill_and_resume_equals_the_uninterrupted_run(tiny_data, tmp_path):
     bitwise = all(torch.equal(a[key], b[key]) for key in a)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=2e-6, rtol=1e-3, msg=key)
-    print(f"kill-and-resume bitwise equal: {bitwise}")
+    print(f"kill-and-resume (rank {rank}, {data_workers} data workers) bitwise equal: {bitwise}")
     # one history in metrics.jsonl, one W&B run id across both processes
-    steps = [m["step"] for m in metrics(killed) if "loss" in m]
-    assert steps == list(range(1, 9))
+    rows = [m for m in metrics(killed) if "loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, 9))
+    # the broken shard is counted wherever it was read, before and after the restart
+    assert max(m["skipped_shards"] for m in rows) == 1, [m["skipped_shards"] for m in rows]
     run_id = json.loads((killed / "run.json").read_text())["wandb_run_id"]
     assert run_ids(killed) == {run_id}
     logged = [row for row in history(killed) if "loss" in row]

@@ -108,6 +108,38 @@ def test_batch_exact_resume_with_and_without_workers(manifest, name, num_workers
         assert signature(head + tail) == signature(full)  # the same batches, noise included
 
 
+@pytest.mark.parametrize("resume_after", [0, 3])
+def test_the_loader_gives_the_same_batches_in_the_same_order_for_any_number_of_workers(manifest, resume_after):
+    """DataLoader workers take whole pools; the loader hands them back in pool order: the training sequence
+    does not depend on `data.num_workers` (a run resumed with another count continues the same sequence)."""
+    from data_pipeline import data_loader
+
+    obj = build_objective(ObjectiveConfig(name="bart"), manifest.specials, seed=1)
+    cfg = BatchConfig(max_tokens=384, max_source_len=64, max_target_len=64, pool_size=12)
+
+    def run(num_workers, state=None):
+        batcher = TokenBatcher(ShardStream(manifest.path, rank=0, world_size=2, seed=3), obj, cfg, seed=1)
+        if state is not None:
+            batcher.load_state_dict(state)
+        out = []
+        for epoch in range(2):
+            batcher.set_epoch(epoch)
+            out += [(tuple(b.keys), b.src.numpy().tobytes()) for b in data_loader(batcher, num_workers=num_workers)]
+        return out
+
+    reference = run(0)
+    assert len(reference) > 8 and len({keys for keys, _ in reference}) == len(reference)
+    state = None
+    if resume_after:  # consumed the first batches in one process; the rest with workers
+        batcher = TokenBatcher(ShardStream(manifest.path, rank=0, world_size=2, seed=3), obj, cfg, seed=1)
+        consumed = Progress()
+        for batch, _ in zip(data_loader(batcher, num_workers=0), range(resume_after)):
+            consumed.update(batch.indices)
+        state, reference = batcher.state_dict(consumed=consumed), reference[resume_after:]
+    for num_workers in (0, 2, 3):
+        assert run(num_workers, state) == reference, num_workers
+
+
 def test_build_batcher_from_config_slices(manifest):
     from data_pipeline import build_batcher, data_loader
 

@@ -208,3 +208,44 @@ def test_a_rank_that_only_meets_bad_shards_in_one_pass_goes_on(data):
     stream.set_epoch(1)
     with pytest.warns(CorruptShardWarning):
         assert len(list(stream)) == stream.num_samples_total - shards[0].samples
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_what_dataloader_workers_skip_reaches_the_trainer_through_the_batches(data, num_workers):
+    """A worker reads a copy of the stream: its skips come back in `Batch.bad_shards`/`num_bad_samples`,
+    the same totals as reading in the training process (each pass meets them again; a shard counts once)."""
+    import numpy as np
+
+    from data_pipeline import BatchConfig, ObjectiveConfig, Specials
+    from data_pipeline.batching import TokenBatcher
+    from data_pipeline.loader import data_loader
+    from data_pipeline.objectives import build_objective
+
+    vocab = Manifest.load(data).vocab_size
+
+    def poison(members):  # one sample of shard 2 gets an id past the vocabulary
+        name, raw = members[0]
+        ids = np.frombuffer(raw, dtype="<u2").copy()
+        ids[0] = vocab + 1
+        return [(name, ids.tobytes()), *members[1:]]
+
+    rewrite_shard(data, 2, poison)
+    broken = Manifest.load(data).shards()[0].path
+    raw = bytearray(broken.read_bytes())
+    raw[0:8] = b"\x00garbag\x01"  # the same size: found only while reading
+    broken.write_bytes(bytes(raw))
+    stream = ShardStream(data, rank=0, world_size=1, seed=0, verify="size")
+    manifest = Manifest.load(data)
+    noise = build_objective(ObjectiveConfig(name="bart"), manifest.specials, seed=0, fields=manifest.fields)
+    batcher = TokenBatcher(stream, noise, BatchConfig(max_tokens=1024), seed=0)
+    loader = data_loader(batcher, num_workers=num_workers)
+    shards, samples = set(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptShardWarning)
+        for epoch in range(2):
+            batcher.set_epoch(epoch)
+            for batch in loader:
+                shards.update(batch.bad_shards)
+                samples += batch.num_bad_samples
+    assert shards == {str(broken)}
+    assert samples == 2  # the poisoned sample, once per pass
