@@ -210,6 +210,10 @@ class ObjectiveConfig:
     """BART: mean of the Poisson span lengths (a 0-length span inserts a <mask>)."""
     permute_sentences: bool = False
     """BART: shuffle the sentences of the source before infilling."""
+    clean_ratio: float = 0.1
+    """BART: share of samples passed through with no noise (source = target), so the model also learns
+    that text needing no repair is copied as it is. Without any, a model never shown an input without
+    masks inserts and repeats words when it is given clean text."""
     noise_density: float = 0.15
     """T5: share of tokens in corrupted spans."""
     mean_span_length: float = 3.0
@@ -218,6 +222,7 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _check(self.name in OBJECTIVES, "name", f"must be one of {OBJECTIVES}, got {self.name!r}", "objective")
         _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", f"must be in [0, 1), got {self.mask_ratio}", "objective")
+        _check(0.0 <= self.clean_ratio < 1.0, "clean_ratio", f"must be in [0, 1), got {self.clean_ratio}", "objective")
         _check(self.poisson_lambda > 0, "poisson_lambda", f"must be > 0, got {self.poisson_lambda}", "objective")
         _check(0.0 < self.noise_density < 1.0, "noise_density",
                f"must be in (0, 1), got {self.noise_density}", "objective")

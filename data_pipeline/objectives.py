@@ -3,7 +3,8 @@
 - `BartInfilling` (Lewis et al., 2019): spans with Poisson(λ) lengths cover
   `mask_ratio` of the tokens; each span, including 0-length ones (an
   insertion), becomes one `<mask>` in the source; optionally the sentences
-  are permuted first. Target: the clean text. Token-level spans (fairseq
+  are permuted first; a `clean_ratio` share of samples is left unnoised.
+  Target: the clean text. Token-level spans (fairseq
   masks whole words; with byte-level BPE the difference is small).
 - `T5SpanCorruption` (Raffel et al., 2019, `random_spans_noise_mask`):
   `noise_density` of the tokens in spans of mean length `mean_span_length`;
@@ -63,10 +64,13 @@ class BartInfilling:
     poisson_lambda: float = 3.5
     permute_sentences: bool = False
     sentence_end_ids: tuple[int, ...] = ()
+    clean_ratio: float = 0.0
 
     def __call__(self, sample: dict, *, epoch: int = 0) -> Example:
         tgt = sample["tgt"]
         rng = noise_rng(self.seed, sample["__key__"], epoch)
+        if self.clean_ratio and rng.random() < self.clean_ratio:  # no draw at 0: the noise stays as it was
+            return Example(sample["__key__"], sample.get("__index__", -1), tgt, tgt)
         src = permute_sentences(tgt, self.sentence_end_ids, rng) if self.permute_sentences else tgt
         src = text_infilling(src, rng, mask_ratio=self.mask_ratio, poisson_lambda=self.poisson_lambda,
                              mask_id=self.mask_id)
@@ -98,7 +102,7 @@ def build_objective(cfg: ObjectiveConfig, specials: Specials, *, seed: int,
         return PairPassThrough()
     if cfg.name == "bart":
         return BartInfilling(specials.mask, seed, cfg.mask_ratio, cfg.poisson_lambda, cfg.permute_sentences,
-                             specials.sentence_end_ids)
+                             specials.sentence_end_ids, cfg.clean_ratio)
     if specials.num_sentinels < 1:
         raise ValueError("objective.name: 't5' needs sentinel tokens (data.num_sentinels > 0)")
     return T5SpanCorruption(specials.first_sentinel, specials.num_sentinels, seed, cfg.noise_density,

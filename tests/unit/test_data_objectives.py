@@ -18,7 +18,7 @@ def samples(n):
 
 
 def test_bart_masks_the_configured_ratio_in_poisson_spans():
-    bart = build_objective(ObjectiveConfig(name="bart"), SPECIALS, seed=0)
+    bart = build_objective(ObjectiveConfig(name="bart", clean_ratio=0.0), SPECIALS, seed=0)
     masked, spans = [], []
     for sample in samples(400):
         ex = bart(sample)
@@ -31,6 +31,18 @@ def test_bart_masks_the_configured_ratio_in_poisson_spans():
     assert np.mean(masked) / len(TEXT) == pytest.approx(0.3, abs=0.01)
     # mean tokens per <mask> ≈ λ (0-length spans included; the last span of each sample is clipped)
     assert sum(masked) / sum(spans) == pytest.approx(3.5, abs=0.25)
+
+
+def test_bart_leaves_the_clean_ratio_of_samples_unnoised():
+    clean = build_objective(ObjectiveConfig(name="bart", clean_ratio=0.2), SPECIALS, seed=0)
+    never = build_objective(ObjectiveConfig(name="bart", clean_ratio=0.0), SPECIALS, seed=0)
+    examples = [clean(sample) for sample in samples(2000)]
+    unnoised = [ex for ex in examples if np.array_equal(ex.src, ex.tgt)]
+    assert len(unnoised) / len(examples) == pytest.approx(0.2, abs=0.03)
+    assert all(SPECIALS.mask not in ex.src for ex in unnoised)
+    assert all(np.array_equal(ex.tgt, TEXT) for ex in examples)
+    assert not any(np.array_equal(ex.src, ex.tgt) for ex in map(never, samples(2000)))
+    assert ObjectiveConfig().clean_ratio == 0.1  # the default recipe teaches copying clean text
 
 
 def test_bart_span_lengths_follow_poisson():
@@ -104,7 +116,8 @@ def test_pairs_pass_through_and_need_sources():
 
 
 @pytest.mark.parametrize("field, value", [("name", "gpt"), ("mask_ratio", 1.0), ("noise_density", 0.0),
-                                          ("mean_span_length", 0.5), ("poisson_lambda", 0.0)])
+                                          ("mean_span_length", 0.5), ("poisson_lambda", 0.0),
+                                          ("clean_ratio", 1.0), ("clean_ratio", -0.1)])
 def test_bad_objective_config_names_the_key(field, value):
     with pytest.raises(ValueError, match=f"objective.{field}"):
         ObjectiveConfig(**{field: value})
