@@ -37,7 +37,7 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
 
-REMOTE_RUN_DIR_COMMANDS = "prepare, pretrain, finetune, export and evaluate"
+REMOTE_RUN_DIR_COMMANDS = "prepare, pretrain, finetune, sweep, pipeline, export and evaluate"
 
 
 def require_local(key: str, value: str, command: str) -> None:

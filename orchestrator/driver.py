@@ -20,6 +20,7 @@ from data_pipeline.storage import local_copy
 from trainers.checkpoint import TAG_PREFIX, step_of
 from trainers.config import ChaosConfig, DeepSpeedConfig, TrainerConfig
 from trainers.export import export_package
+from trainers.package import WEIGHTS
 from trainers.selection import RANK_KEY
 from trainers.run_folder import RunFolder
 
@@ -116,5 +117,5 @@ def write_package(run: Run, *, checkpoint: Path | None = None, out: str | Path |
     target = RunFolder.of(out) if out else RunFolder(run.folder.where("model"))
     export_package(local, target.local, model_cfg=run.model, tokenizer=run.manifest.local_tokenizer_path(),
                    lineage=run.lineage(step_of(tag)), tag=tag, average=[local_copy(p) for p in average])
-    target.push_all()
+    target.push_all(last=(WEIGHTS,))  # a package in a bucket counts as written once its weights are there
     return target.location

@@ -47,10 +47,11 @@ class RunFolder:
             if present:
                 upload(self.local, self.location, names=present)
 
-    def push_all(self) -> None:
-        """Upload the whole mirror (a finished model package); a no-op for a local folder."""
+    def push_all(self, *, last: tuple[str, ...] = ()) -> None:
+        """Upload the whole mirror (a finished model package), its files `last` after all others (what marks
+        it complete); a no-op for a local folder."""
         if self.remote:
-            upload(self.local, self.location)
+            upload(self.local, self.location, last=last)
 
     def pull(self, *names: str) -> None:
         """Replace these entries of the mirror by the remote ones (those that exist remotely)."""

@@ -48,7 +48,7 @@ def run(job: JobConfig) -> int:
     results.package = package_info(spec.package)
     results.wandb_run_id = log_to_wandb(job.tracking, results, folder.local, package=job.eval.package)
     write_results(results, folder.local)
-    folder.push("config.yaml", RESULTS, OUTPUTS, "wandb")
+    folder.push("config.yaml", OUTPUTS, "wandb", RESULTS)  # the results last: they mark the evaluation done
     print_table(results)
     print(f"results in {folder.where(RESULTS)}")
     return 0

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_pipeline.storage import is_remote
 from trainers.decoding import DecodingConfig
 from trainers.models import max_positions
 
@@ -56,9 +57,7 @@ def plan_checkpoint_evaluation(run: Run, spec: TrainSpec, cfg: EvalConfig, *,
     """
     if not cfg.during_training:
         return spec, None
-    if run.checkpoints.remote:
-        raise ConfigError(f"eval.during_training: checkpoints in object storage ({run.storage_path}) are not "
-                          "evaluated during training; evaluate the model package afterwards (seqfoundry evaluate)")
+    refuse_remote_checkpoints(run.storage_path)
     manifest = run.manifest
     if not manifest.has_pairs:
         raise ConfigError(f"eval.during_training: {manifest.path} holds plain text; evaluation needs "
@@ -84,6 +83,13 @@ def plan_checkpoint_evaluation(run: Run, spec: TrainSpec, cfg: EvalConfig, *,
                          verify=spec.data.verify, run_dir=str(run.local), tracking=tracking)
     t = spec.trainer
     return spec, CheckpointEvalPlan(eval_spec, run.checkpoints, t.num_workers * t.cpus_per_worker)
+
+
+def refuse_remote_checkpoints(storage_path: str) -> None:
+    """The actor evaluates each checkpoint as it lands on a file system; not in object storage (ConfigError)."""
+    if is_remote(storage_path):
+        raise ConfigError(f"eval.during_training: checkpoints in object storage ({storage_path}) are not "
+                          "evaluated during training; evaluate the model package afterwards (seqfoundry evaluate)")
 
 
 @dataclass(frozen=True)

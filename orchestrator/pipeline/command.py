@@ -5,11 +5,17 @@ with a lineage record (`pipeline.json`) linking every artifact to its parents.
     seqfoundry pipeline run.dir=runs/demo                # every stage's output under one folder
     seqfoundry pipeline run.dir=runs/demo                # again: finished stages are reused
     seqfoundry pipeline pipeline.data=data/tiny pretrained=runs/p1/model   # reuse outputs made elsewhere
+    seqfoundry pipeline run.dir=s3://bucket/pipelines/demo                # every stage's output in a bucket
 
 Layout: `<run.dir>/data`, `<run.dir>/pretrain` (a training run folder),
 `<run.dir>/sweep` (trials), `<run.dir>/eval`, `<run.dir>/pipeline.json`; with
 `pipeline.compare_scratch=true` also `<run.dir>/scratch` and `<run.dir>/scratch_eval`.
 All stages share one Ray session and one W&B group.
+
+`run.dir` may be a bucket URL (`s3://`, `gs://`): every stage is then a command
+that writes to a bucket (prepare, pretrain, sweep, evaluate), a finished stage is
+recognised by its output in the bucket, and `pipeline.json` is written in the
+run folder's local mirror and pushed (`trainers.run_folder`).
 """
 
 from __future__ import annotations
@@ -21,13 +27,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from data_pipeline.storage import as_path
+
 from ..cluster import ray_session
-from ..config import ConfigError, JobConfig, require_local, to_typed
+from ..config import ConfigError, JobConfig, to_typed
 from ..evaluation.result import EvalResult
+from ..preflight import open_folder
+from ..runs import RUN_INFO, folder_name
 from .lineage import LineageGraph, log_to_wandb, make_record
+
 
 @dataclass
 class Folders:
+    """The pipeline's folders, typed once: absolute local `Path`s, or `UPath`s under a bucket URL."""
+
     root: Path
     data: Path
     pretrain: Path
@@ -36,16 +49,22 @@ class Folders:
 
 
 def folders(job: JobConfig) -> Folders:
-    root = Path(job.run.dir).resolve()
-    data = Path(job.pipeline.data).resolve() if job.pipeline.data else root / "data"
+    root = location(job.run.dir, key="run.dir")
+    data = location(job.pipeline.data, key="pipeline.data") if job.pipeline.data else root / "data"
     return Folders(root, data, root / "pretrain", root / "sweep", root / "eval")
+
+
+def location(folder: str, *, key: str) -> Path:
+    """A folder key as a typed path: an absolute `Path`, or a `UPath` for a bucket URL (ConfigError naming
+    `key` for a scheme without its fsspec backend)."""
+    return as_path(open_folder(folder, key=key).location)
 
 
 def stage_job(job: JobConfig, *, run_dir: Path, data_dir: Path, **changes) -> JobConfig:
     """The job config one stage sees: its own run folder, the pipeline's data and W&B group."""
     return dataclasses.replace(
         job, run=dataclasses.replace(job.run, dir=str(run_dir)), data=dataclasses.replace(job.data, dir=str(data_dir)),
-        tracking=dataclasses.replace(job.tracking, group=job.tracking.group or f"pipeline-{Path(job.run.dir).name}"),
+        tracking=dataclasses.replace(job.tracking, group=job.tracking.group or f"pipeline-{folder_name(job.run.dir)}"),
         **changes)
 
 
@@ -68,9 +87,9 @@ def finetune_job(job: JobConfig, *, run_dir: Path, data_dir: Path, pretrained: s
 def run(job: JobConfig) -> int:
     f = folders(job)
     check_stages(job, f)  # every stage's config, before the first stage starts
-    f.root.mkdir(parents=True, exist_ok=True)
+    root = open_folder(job.run.dir, writable=True)  # a bucket that cannot be written stops here, in one line
     group = job.tracking.group or f"pipeline-{f.root.name}"
-    lineage = LineageGraph(f.root / "pipeline.json", group=group)
+    lineage = LineageGraph(root, group=group)
     with ray_session(job.cluster):
         data = stage_prepare(job, f, lineage)
         pretrained = stage_pretrain(job, f, lineage, data)
@@ -78,7 +97,8 @@ def run(job: JobConfig) -> int:
         results = stage_evaluate(job, f, lineage, data, finetuned)
         gain = stage_scratch(job, f, lineage, data, results) if job.pipeline.compare_scratch else None
     for record in lineage.records.values():
-        log_to_wandb(job.tracking, lineage, record, run_dir=f.root)
+        log_to_wandb(job.tracking, lineage, record, run_dir=root.local)
+    root.push("wandb")
     lineage.write()
     print_results(results, lineage)
     if gain:
@@ -93,11 +113,14 @@ def check_stages(job: JobConfig, f: Folders) -> None:
     stage's own preflight when it starts.
     """
     from ..evaluation.command import strategies
+    from ..evaluation.during_training import refuse_remote_checkpoints
     from ..preflight import check_training_config
     from ..sweep.command import check_sweep_config
 
-    require_local("run.dir", job.run.dir, "pipeline")
     stages = job.pipeline.stages
+    trains = ("pretrain" in stages and not job.pretrained) or job.pipeline.compare_scratch
+    if trains and job.eval.during_training:  # the pretrain and scratch stages' checkpoints lie under run.dir
+        refuse_remote_checkpoints(job.cluster.storage_path or str(f.root))
     if "pretrain" in stages and not job.pretrained:
         check_training_config(stage_job(job, run_dir=f.pretrain, data_dir=f.data, pretrained=""), kind="pretrain")
     if "sweep" in stages and not job.pipeline.finetuned:
@@ -134,7 +157,7 @@ def stage_pretrain(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path
     from ..train import train
 
     if job.pretrained:
-        package, reused, run_id = Path(job.pretrained), True, None
+        package, reused, run_id = location(job.pretrained, key="pretrained"), True, None
     else:
         package = f.pretrain / "model"
         reused = (package / "model.safetensors").is_file() or "pretrain" not in job.pipeline.stages
@@ -151,14 +174,14 @@ def stage_sweep(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path, p
     from ..sweep.command import best_trial, run as sweep
 
     if job.pipeline.finetuned:
-        package, reused, run_id = Path(job.pipeline.finetuned), True, None
+        package, reused, run_id = location(job.pipeline.finetuned, key="pipeline.finetuned"), True, None
     else:
         results = f.sweep / "sweep_results.json"
         reused = results.is_file() or "sweep" not in job.pipeline.stages
         if not reused:
             check(sweep(finetune_job(job, run_dir=f.sweep, data_dir=data, pretrained=str(pretrained))), "sweep")
-        best = best_trial(f.sweep)
-        package, run_id = Path(best["package"]), best.get("wandb_run_id")
+        best = best_trial(str(f.sweep))
+        package, run_id = as_path(best["package"]), best.get("wandb_run_id")
     lineage.add(make_record("finetuned", "model", package, parents=["pretrained", "data"], wandb_run_id=run_id,
                             reused=reused))
     return package
@@ -190,7 +213,7 @@ def stage_scratch(job: JobConfig, f: Folders, lineage: LineageGraph, data: Path,
     package, eval_dir = f.root / "scratch" / "model", f.root / "scratch_eval"
     reused = (package / "model.safetensors").is_file()
     if not reused:
-        check(train(scratch_job(job, f, data, best_trial(f.sweep)), kind="pretrain"), "scratch")
+        check(train(scratch_job(job, f, data, best_trial(str(f.sweep))), kind="pretrain"), "scratch")
     if not (eval_dir / "eval_results.json").is_file():
         check(evaluate(evaluation_job(job, run_dir=eval_dir, data_dir=data, package=package,
                                       strategies=[strategy], baseline="none")), "scratch evaluation")
@@ -244,7 +267,7 @@ def check(code: int, stage: str) -> None:
 
 
 def run_json(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
+    path = run_dir / RUN_INFO
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.storage import url
 from trainers.package import sha256_file
+from trainers.run_folder import RunFolder
 
 from ..artifacts import ArtifactSpec, group_digest, log_artifact
 from ..tracking import TrackingConfig
@@ -53,18 +55,27 @@ def defining_file(kind: str, path: Path) -> Path:
 
 def make_record(name: str, kind: str, path: Path, *, parents: list[str], wandb_run_id: str | None,
                 reused: bool = False, metadata: dict | None = None) -> ArtifactRecord:
-    return ArtifactRecord(name, kind, str(path.resolve()), sha256_file(defining_file(kind, path)), parents,
+    return ArtifactRecord(name, kind, url(path), sha256_file(defining_file(kind, path)), parents,
                           wandb_run_id, reused, metadata or {})
 
 
-class LineageGraph:
-    """Collects ArtifactRecords; writes pipeline.json after every stage (a crash keeps what was done)."""
+PIPELINE_JSON = "pipeline.json"
 
-    def __init__(self, path: Path, *, group: str):
-        self.path, self.group = path, group
+
+class LineageGraph:
+    """Collects ArtifactRecords; writes `<run folder>/pipeline.json` after every stage (a crash keeps what was
+    done), pushed to the bucket when the run folder is one."""
+
+    def __init__(self, folder: RunFolder, *, group: str):
+        self.folder, self.group = folder, group
         self.records: dict[str, ArtifactRecord] = {}
         self.metadata: dict[str, Any] = {}  # pipeline-wide results (pipeline.compare_scratch: pretraining_gain)
         self.created = time.time()
+
+    @property
+    def path(self) -> str:
+        """Where pipeline.json lies (a URL for a bucket run folder)."""
+        return self.folder.where(PIPELINE_JSON)
 
     def add(self, record: ArtifactRecord) -> ArtifactRecord:
         missing = [p for p in record.parents if p not in self.records]
@@ -77,9 +88,12 @@ class LineageGraph:
     def write(self) -> None:
         data = {"group": self.group, "created": self.created, "updated": time.time(),
                 "artifacts": [asdict(r) for r in self.records.values()], "metadata": self.metadata}
-        tmp = self.path.with_suffix(".json.tmp")
+        path = self.folder.local / PIPELINE_JSON
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(self.path)
+        tmp.replace(path)
+        self.folder.push(PIPELINE_JSON)
 
 
 def log_to_wandb(tracking: TrackingConfig, lineage: LineageGraph, record: ArtifactRecord, *, run_dir: Path) -> None:

@@ -7,14 +7,21 @@ model package; every trial is a DeepSpeed fine-tune through Ray Train
     seqfoundry sweep pretrained=... '+sweep.space.trainer.grad_clip={choice: [0.5, 1.0]}'
     seqfoundry sweep pretrained=... sweep.metric=val_bleu sweep.search=optuna     # TPE on greedy BLEU
     seqfoundry sweep pretrained=... run.dir=runs/s1 resume=true                   # continue an interrupted sweep
+    seqfoundry sweep pretrained=... run.dir=s3://bucket/sweeps/s1                 # everything in a bucket
 
     <run.dir>/config.yaml          the sweep's resolved config
     <run.dir>/trial_<id>/          one fine-tuning run folder per trial (metrics.jsonl, wandb/, model/, ...)
     <run.dir>/tune/                Ray Tune's experiment state
     <run.dir>/sweep_results.json   every trial (config, metrics, status, error, package) and the best
 
+A `run.dir` in object storage (`s3://`, `gs://`) holds the same files: Tune
+keeps its experiment state there itself (its `storage_path`, through pyarrow),
+each trial's run folder goes through the run-folder layer (written in a local
+mirror, pushed: `trainers.run_folder`), and the sweep's own files are pushed
+the same way.
+
 Everything that can be refused (space keys and every value it can take, data,
-package, resources) is checked before Ray starts.
+package, resources, a bucket that cannot be written) is checked before Ray starts.
 """
 
 from __future__ import annotations
@@ -26,18 +33,19 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ray import tune
 
 from data_pipeline import Manifest
+from data_pipeline.storage import as_path
+from trainers.run_folder import RunFolder
 
 from ..artifacts import log_artifact, model_artifact
 from ..cluster import ray_session
-from ..config import ConfigError, JobConfig, require_local
+from ..config import ConfigError, JobConfig
 from ..driver import failure_summary
-from ..preflight import preflight_training
-from ..runs import config_container, write_config
+from ..preflight import open_folder, preflight_training
+from ..runs import CONFIG, RUN_INFO, config_container, folder_name, write_config
 from .config import SweepConfig
 from .space import Domain, flatten, nest, num_trials, parse_space
 from .trial import AbortTrainingOnStop, TrialRecipe, run_trial, trial_job, trial_name
@@ -55,36 +63,40 @@ class SweepPlan:
     """What the checks established, before Ray starts."""
 
     job: JobConfig
-    run_dir: Path
+    folder: RunFolder
+    """The sweep's run folder (`run.dir`), local or in a bucket."""
     name: str
     domains: list[Domain]
     num_trials: int
     grace_period: int
     recipe: TrialRecipe
     resume: bool = False
-    """Continue the interrupted sweep in run_dir (`Tuner.restore`): finished trials are not run again."""
+    """Continue the interrupted sweep in the folder (`Tuner.restore`): finished trials are not run again."""
 
 
 def run(job: JobConfig) -> int:
     plan = plan_sweep(job)
-    write_config(plan.run_dir, config_container(plan.job))
+    write_config(plan.folder.local, config_container(plan.job))
+    plan.folder.push(CONFIG)
     t0 = time.perf_counter()
     with ray_session(job.cluster):
         trials = tune_trials(plan)
     results = summarize(plan, trials, wall_s=time.perf_counter() - t0)
-    (plan.run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    (plan.folder.local / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    plan.folder.push(RESULTS)
     log_best(plan, results["best"])
     print_table(results)
     if not results["best"]:
-        print(f"seqfoundry sweep: error: no trial finished ({results['counts']}); see {plan.run_dir / RESULTS}",
-              file=sys.stderr)
+        print(f"seqfoundry sweep: error: no trial finished ({results['counts']}); see "
+              f"{plan.folder.where(RESULTS)}", file=sys.stderr)
         return 1
     return 0
 
 
-def best_trial(sweep_dir: str | Path) -> dict:
-    """The best trial's record in `<sweep_dir>/sweep_results.json` (its `package`, `wandb_run_id`, ...)."""
-    path = Path(sweep_dir) / RESULTS
+def best_trial(sweep_dir: str) -> dict:
+    """The best trial's record in `<sweep_dir>/sweep_results.json` (its `package`, `wandb_run_id`, ...);
+    `sweep_dir` may be a bucket URL."""
+    path = as_path(sweep_dir) / RESULTS
     if not path.is_file():
         raise ConfigError(f"run.dir: {path} not found (run `seqfoundry sweep` first)")
     best = json.loads(path.read_text()).get("best")
@@ -97,44 +109,49 @@ def best_trial(sweep_dir: str | Path) -> dict:
 
 def plan_sweep(job: JobConfig) -> SweepPlan:
     check_sweep_config(job)
+    folder = open_folder(job.run.dir, writable=True)  # a bucket that cannot be written stops here, in one line
     resume, job = job.resume, dataclasses.replace(absolute_paths(job), resume=False)  # trials decide their own
     s = job.sweep
-    run_dir = Path(job.run.dir)
-    check_resumable(job, run_dir, resume=resume)
+    check_resumable(job, folder, resume=resume)
     check_validation_split(preflight_training(job, kind="finetune").manifest)  # data, package, resources
-    name = s.name or run_dir.name
-    storage = f"{job.cluster.storage_path.rstrip('/')}/{name}" if job.cluster.storage_path else ""
-    recipe = TrialRecipe(job=job, sweep_dir=str(run_dir), group=job.tracking.group or name, storage=storage)
+    name = sweep_name(job, folder)
+    recipe = TrialRecipe(job=job, sweep=folder, group=job.tracking.group or name, storage=shared_storage(job, folder))
     domains = parse_space(s.space)
     for domain in domains:
         check_domain(recipe, domain)
     grace = s.grace_period or job.trainer.val_every
-    return SweepPlan(job, run_dir, name, domains, num_trials(domains, s.num_samples, search=s.search), grace, recipe,
+    return SweepPlan(job, folder, name, domains, num_trials(domains, s.num_samples, search=s.search), grace, recipe,
                      resume=resume)
 
 
-def check_resumable(job: JobConfig, run_dir: Path, *, resume: bool) -> None:
-    from ray import tune
-
-    tune_dir = tune_path(job, run_dir)
+def check_resumable(job: JobConfig, folder: RunFolder, *, resume: bool) -> None:
+    tune_dir = tune_path(job, folder)
     if resume and not tune.Tuner.can_restore(tune_dir):
         raise ConfigError(f"resume: {tune_dir} holds no sweep to resume (start it without resume=true)")
-    if not resume and ((run_dir / RESULTS).exists() or (run_dir / TUNE_DIR).exists()):
-        raise ConfigError(f"run.dir: {run_dir} already holds a sweep; pass resume=true to continue it or choose "
-                          "another run.dir")
+    root = as_path(folder.location)
+    if not resume and ((root / RESULTS).exists() or (root / TUNE_DIR).exists()):
+        raise ConfigError(f"run.dir: {folder.location} already holds a sweep; pass resume=true to continue it or "
+                          "choose another run.dir")
 
 
-def tune_path(job: JobConfig, run_dir: Path) -> str:
-    """Tune's experiment folder: <cluster.storage_path>/<name>/tune, else <run.dir>/tune."""
-    name = job.sweep.name or run_dir.name
-    storage = f"{job.cluster.storage_path.rstrip('/')}/{name}" if job.cluster.storage_path else str(run_dir)
-    return f"{storage}/{TUNE_DIR}"
+def sweep_name(job: JobConfig, folder: RunFolder) -> str:
+    """`sweep.name`, else the run folder's name."""
+    return job.sweep.name or folder_name(folder.location)
+
+
+def shared_storage(job: JobConfig, folder: RunFolder) -> str:
+    """<cluster.storage_path>/<name>, where Tune's state and the trials' checkpoints go; empty = the run folder."""
+    storage = job.cluster.storage_path
+    return f"{storage.rstrip('/')}/{sweep_name(job, folder)}" if storage else ""
+
+
+def tune_path(job: JobConfig, folder: RunFolder) -> str:
+    """Tune's experiment folder: <cluster.storage_path>/<name>/tune, else <run.dir>/tune (a path or a URL)."""
+    return f"{shared_storage(job, folder) or folder.location}/{TUNE_DIR}"
 
 
 def check_sweep_config(job: JobConfig) -> None:
     """The checks that need no data or package (the pipeline runs them before its first stage)."""
-    require_local("run.dir", job.run.dir, "sweep")
-    require_local("cluster.storage_path", job.cluster.storage_path, "sweep")
     s = job.sweep
     if not s.space:
         raise ConfigError("sweep.space: empty; pick a preset (sweep=default, sweep=tiny) or add domains")
@@ -150,11 +167,15 @@ def check_sweep_config(job: JobConfig) -> None:
 
 
 def absolute_paths(job: JobConfig) -> JobConfig:
-    """Tune runs each trial in its own working directory: every path the trials read is made absolute."""
+    """Tune runs each trial in its own working directory: every path the trials read is made absolute
+    (bucket URLs stay URLs; a scheme without its fsspec backend is one line naming the key)."""
+    def absolute(location: str, key: str) -> str:
+        return open_folder(location, key=key).location if location else ""
+
     return dataclasses.replace(
-        job, run=dataclasses.replace(job.run, dir=str(Path(job.run.dir).resolve())),
-        data=dataclasses.replace(job.data, dir=str(Path(job.data.dir).resolve())),
-        pretrained=str(Path(job.pretrained).resolve()) if job.pretrained else "")
+        job, run=dataclasses.replace(job.run, dir=absolute(job.run.dir, "run.dir")),
+        data=dataclasses.replace(job.data, dir=absolute(job.data.dir, "data.dir")),
+        pretrained=absolute(job.pretrained, "pretrained"))
 
 
 def check_validation_split(manifest: Manifest) -> None:
@@ -193,7 +214,7 @@ def tune_trials(plan: SweepPlan) -> list:
           + ("; resumed" if plan.resume else ""), flush=True)
     TrialLog.ended = []
     if plan.resume:  # finished trials keep their results; unfinished ones continue (from their checkpoints)
-        tuner = tune.Tuner.restore(tune_path(plan.job, plan.run_dir), trainable, param_space=param_space,
+        tuner = tune.Tuner.restore(tune_path(plan.job, plan.folder), trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
         tuner = tune.Tuner(
@@ -201,7 +222,7 @@ def tune_trials(plan: SweepPlan) -> list:
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
                                         search_alg=search_algorithm(s, concurrency), scheduler=make_scheduler(plan),
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=plan.recipe.storage or str(plan.run_dir),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=plan.recipe.storage or plan.folder.location,
                                       failure_config=tune.FailureConfig(max_failures=0), callbacks=[TrialLog()],
                                       verbose=0))
     tuner.fit()  # a failed trial is recorded, never raised
@@ -289,8 +310,10 @@ def log_best(plan: SweepPlan, best: dict) -> None:
         return
     spec = model_artifact(best["package"], name=f"model-{plan.name}", sweep=plan.name, trial=best["trial_id"],
                           metric=plan.job.sweep.metric, value=best["metrics"].get(plan.job.sweep.metric))
-    log_artifact(plan.job.tracking, spec, run_dir=Path(best["dir"]), run_id=best["wandb_run_id"],
+    trial = RunFolder(best["dir"])
+    log_artifact(plan.job.tracking, spec, run_dir=trial.local, run_id=best["wandb_run_id"],
                  job_type="sweep-best", group=plan.recipe.group, aliases=("best",))
+    trial.push("wandb")
 
 
 def summarize(plan: SweepPlan, trials: list, *, wall_s: float) -> dict:
@@ -299,7 +322,7 @@ def summarize(plan: SweepPlan, trials: list, *, wall_s: float) -> dict:
     best = best_record(records, metric=s.metric, mode=s.mode)
     counts = {status: sum(r["status"] == status for r in records)
               for status in ("TERMINATED", "EARLY_STOPPED", "ERROR") if any(r["status"] == status for r in records)}
-    return {"name": plan.name, "dir": str(plan.run_dir), "pretrained": plan.job.pretrained,
+    return {"name": plan.name, "dir": plan.folder.location, "pretrained": plan.job.pretrained,
             "metric": s.metric, "mode": s.mode, "scheduler": s.scheduler, "space": s.space,
             "num_trials": len(records), "counts": counts, "wall_s": round(wall_s, 1),
             "best": best, "trials": records}
@@ -314,15 +337,17 @@ def best_record(records: list[dict], *, metric: str, mode: str) -> dict:
 
 
 def trial_record(plan: SweepPlan, trial) -> dict:
-    """One trial: TERMINATED (ran out, package written), EARLY_STOPPED (by ASHA), ERROR, or Tune's status."""
-    folder = plan.run_dir / trial_name(trial)
+    """One trial: TERMINATED (ran out, package written), EARLY_STOPPED (by ASHA), ERROR, or Tune's status.
+    Read where the trial's run folder lies (its bucket, for a bucket run.dir)."""
+    location = plan.folder.where(trial_name(trial))
+    folder = as_path(location)
     package = folder / "model"
     status = trial.status
     if status == "TERMINATED" and not (package / "model.safetensors").is_file():
         status = "EARLY_STOPPED"
-    run_json = folder / "run.json"
+    run_json = folder / RUN_INFO
     return {
-        "trial_id": trial.trial_id, "dir": str(folder), "status": status,
+        "trial_id": trial.trial_id, "dir": location, "status": status,
         "config": flatten(trial.config),
         "metrics": {k: trial.last_result[k] for k in REPORTED if k in trial.last_result},
         "error": trial_error(trial) if trial.status == "ERROR" else None,
@@ -371,4 +396,4 @@ def print_table(results: dict) -> None:
     if best:
         print(f"best: trial_{best['trial_id']} {metric} {fmt(best['metrics'][metric])}; package {best['package']}")
     print(f"sweep {results['name']}: {results['counts']} in {results['wall_s']:.0f}s; "
-          f"{Path(results['dir']) / RESULTS}")
+          f"{RunFolder(results['dir']).where(RESULTS)}")

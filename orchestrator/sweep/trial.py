@@ -6,6 +6,9 @@ DeepSpeed fine-tune through Ray Train (the Train V2 driver-function pattern).
         preflight_training → Run.open → fit(TorchTrainer, callbacks=[ValidationToTune, ControllerMailbox])
         write_package → <sweep>/trial_<id>/model
 
+A trial is an ordinary training `Run`: in a bucket sweep its run folder is a
+bucket URL, worked on through the run-folder layer like any remote `run.dir`.
+
 Workers report `{"step", "val_loss", "val_ppl"}` (and `val_bleu`, `val_chrf` when the sweep
 ranks on them: `trainer.val_metric_samples`) at each validation and
 `{"step", "tag", "final"}` at each checkpoint; only the validation reports go
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -32,6 +34,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ray import tune
 from ray.train.v2._internal.execution.callback import ControllerCallback  # a DeveloperAPI class
 from ray.tune.integration.ray_train import TuneReportCallback
+
+from trainers.run_folder import RunFolder
 
 from ..artifacts import log_run_package
 from ..config import ConfigError, JobConfig, one_line, to_typed
@@ -48,8 +52,8 @@ class TrialRecipe:
 
     job: JobConfig
     """The sweep's config, paths made absolute."""
-    sweep_dir: str
-    """Trial run folders go under it: <sweep_dir>/trial_<id>."""
+    sweep: RunFolder
+    """The sweep's run folder (local or a bucket URL): trial run folders go under it, <sweep>/trial_<id>."""
     group: str
     """W&B group of the trials."""
     storage: str
@@ -64,7 +68,7 @@ def trial_job(recipe: TrialRecipe, values: dict[str, Any], *, trial: str) -> Job
             OmegaConf.update(cfg, key, value, merge=False)
         except OmegaConfBaseException as err:
             raise ConfigError(f"sweep.space.{key}: {one_line(err)}") from err
-    cfg.run.dir = str(Path(recipe.sweep_dir) / trial)
+    cfg.run.dir = recipe.sweep.where(trial)
     cfg.cluster.storage_path = f"{recipe.storage}/{trial}" if recipe.storage else ""
     cfg.tracking.group = recipe.group
     cfg.tracking.tags = [*recipe.job.tracking.tags, "sweep"]
@@ -93,11 +97,11 @@ def run_trial(config: dict, *, recipe: TrialRecipe) -> None:
     run, spec = preflight_training(job, kind="finetune", finished_ok=True), train_spec(job)
     run.open()
     mailbox = Queue(actor_options={"num_cpus": 0})
-    _RUNNING["mailbox"] = mailbox
+    _RUNNING.update(mailbox=mailbox, folder=run.folder)
     try:
         fit(run, spec, callbacks=(ValidationToTune(job.sweep.metric), ControllerMailbox(mailbox)))
     finally:
-        _RUNNING.pop("mailbox", None)
+        _RUNNING.clear()
     package = write_package(run)
     log_run_package(job.tracking, run, package)
     print(f"sweep: {run.name} wrote {package}", flush=True)
@@ -118,7 +122,7 @@ class ValidationToTune(TuneReportCallback):
 # --- stopping a trial's TorchTrainer with the trial ----------------------------------------
 
 _RUNNING: dict[str, Any] = {}
-"""The mailbox of the trial running in this process (Tune runs one trial per actor process)."""
+"""The mailbox and run folder of the trial running in this process (Tune runs one trial per actor process)."""
 
 
 class ControllerMailbox(ControllerCallback):
@@ -140,8 +144,9 @@ class AbortTrainingOnStop:
 
 
 def abort_training(timeout_s: float = 60.0) -> None:
-    """Abort this process's running TorchTrainer (workers stopped, placement group removed), if any."""
-    mailbox = _RUNNING.pop("mailbox", None)
+    """Abort this process's running TorchTrainer (workers stopped, placement group removed), if any; then
+    push what rank 0 wrote since its last checkpoint when the run folder is in a bucket."""
+    mailbox, folder = _RUNNING.pop("mailbox", None), _RUNNING.pop("folder", None)
     controller = None
     while mailbox is not None and not mailbox.empty():
         controller = mailbox.get_nowait()  # the latest controller of the trial
@@ -152,3 +157,7 @@ def abort_training(timeout_s: float = 60.0) -> None:
         ray.get(controller.abort.remote(), timeout=timeout_s)
     except Exception:  # abort() ends with exit_actor: the call fails once the controller is gone
         pass
+    if folder is not None:  # rank 0 pushes only at checkpoints; its mirror is this node's when it ran here
+        from trainers.loop import RANK0_FILES
+
+        folder.push(*RANK0_FILES)  # (when rank 0 ran on another node, its files are not here: none is pushed)

@@ -1,4 +1,5 @@
-"""Object storage (issue 6): prepare to S3, stream from S3, checkpoint to S3, resume from S3.
+"""Object storage (issue 6): prepare to S3, stream from S3, checkpoint to S3, resume from S3; sweeps and
+the pipeline with a run.dir in S3 (issue 15).
 
 A real S3-compatible server (moto) runs on loopback for the session; s3fs,
 pyarrow (Ray Train's storage) and the Ray workers all reach it through
@@ -19,7 +20,7 @@ import torch
 
 from data_pipeline import CorruptShardWarning, Manifest, ShardStream
 from data_pipeline.shards import read_shard
-from data_pipeline.storage import as_path, download_tree
+from data_pipeline.storage import as_path, download_tree, local_copy, sha256_file
 from orchestrator.cli import main
 from tests.helpers.data import prepare_tiny
 from tests.helpers.wandb_offline import history, run_ids
@@ -212,25 +213,136 @@ def test_a_missing_bucket_path_is_one_line_naming_data_dir(s3_bucket, tmp_path, 
     (["pretrain", "experiment=tiny", "DATA", "run.dir=s3://no-such-bucket/runs/r"], "run.dir"),
     (["pretrain", "experiment=tiny", "DATA", "RUN", "cluster.storage_path=s3://no-such-bucket/c"],
      "cluster.storage_path"),
+    (["sweep", "experiment=tiny", "DATA", "pretrained=PKG", "run.dir=s3://no-such-bucket/sweeps/s"], "run.dir"),
+    (["pipeline", "experiment=tiny", "run.dir=s3://no-such-bucket/pipelines/p"], "run.dir"),
 ])
 def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(command, key, local_and_s3_data, tmp_path,
                                                                    capsys):
     _, data = local_and_s3_data
     args = [{"DATA": f"data.dir={data}", "RUN": f"run.dir={tmp_path}/r"}.get(a, a) for a in command]
-    assert main(args) == 2
+    assert main([a.replace("PKG", str(tmp_path / "package")) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"seqfoundry {command[0]}: error: {key}: ")
     assert "no-such-bucket" in err[0]
     assert not (tmp_path / "r").exists()
 
 
-def test_a_scheme_without_its_filesystem_is_one_line(capsys):
+def test_a_pipeline_in_s3_refuses_evaluation_during_training_before_its_first_stage(s3_bucket, capsys):
+    run = f"{s3_bucket}/pipelines/during"
+    assert main(["pipeline", "experiment=tiny", f"run.dir={run}", "eval.during_training=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("seqfoundry pipeline: error: eval.during_training: ") and run in err[0]
+    assert not as_path(run).exists()
+
+
+def test_report_still_needs_a_local_folder_and_names_the_commands_that_take_a_url(capsys):
+    assert main(["report", "run=s3://bucket/pipelines/p"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run: report needs a local or shared folder" in err[0]
+    assert "sweep, pipeline" in err[0]
+
+
+@pytest.mark.parametrize("command, key", [
+    (["prepare", "experiment=tiny", "data.dir=gs://bucket/data"], "data.dir"),
+    (["sweep", "experiment=tiny", "pretrained=p", "run.dir=gs://bucket/data"], "run.dir"),
+    (["pipeline", "experiment=tiny", "run.dir=gs://bucket/data"], "run.dir"),
+])
+def test_a_scheme_without_its_filesystem_is_one_line(command, key, capsys):
     pytest.importorskip("upath")
     try:
         import gcsfs  # noqa: F401
         pytest.skip("gcsfs is installed")
     except ImportError:
         pass
-    assert main(["prepare", "experiment=tiny", "data.dir=gs://bucket/data"]) == 2
+    assert main(command) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "data.dir: gs://bucket/data" in err[0] and "gcsfs" in err[0]
+    assert len(err) == 1 and f"{key}: gs://bucket/data" in err[0] and "gcsfs" in err[0], err
+
+
+# --- pipeline and sweep with a bucket run.dir ---------------------------------------------------
+
+PIPELINE = ["pipeline", "experiment=tiny", "data.max_documents=12", "trainer.num_workers=1", "trainer.max_steps=4",
+            "trainer.val_every=2", "trainer.checkpoint_every=100", "trainer.log_every=1", "trainer.warmup_steps=1",
+            "eval.max_samples=8", "eval.strategies=[greedy]", "data.num_workers=0"]
+"""tests/e2e/test_pipeline.py's FAST run, smaller still (one worker, 4 steps, greedy decoding only, no scratch
+comparison); its sweep stage is sweep=tiny's two trials, run at once, as in tests/integration/test_sweep.py."""
+
+
+@pytest.fixture(scope="module")
+def s3_pipeline(ray_with_s3, s3_bucket) -> str:
+    """`seqfoundry pipeline run.dir=s3://...` once; the tests below read what it left in the bucket only."""
+    run = f"{s3_bucket}/pipelines/demo"
+    assert main([*PIPELINE, f"run.dir={run}"]) == 0
+    wipe(ray_with_s3)  # what follows sees the bucket, as another machine would
+    return run
+
+
+def lineage_record(run: str) -> dict[str, dict]:
+    return {a["name"]: a for a in json.loads(as_path(f"{run}/pipeline.json").read_text())["artifacts"]}
+
+
+def test_a_pipeline_in_s3_links_every_artifact_in_the_bucket(s3_pipeline):
+    run, arts = s3_pipeline, lineage_record(s3_pipeline)
+    assert set(arts) == {"data", "pretrained", "finetuned", "evaluation"}
+    assert arts["data"]["path"] == f"{run}/data" and arts["pretrained"]["path"] == f"{run}/pretrain/model"
+    assert arts["finetuned"]["path"].startswith(f"{run}/sweep/trial_")
+    assert arts["evaluation"]["path"] == f"{run}/eval/eval_results.json"
+    files = {"data": "/manifest.json", "pretrained": "/model.safetensors", "finetuned": "/model.safetensors",
+             "evaluation": ""}
+    for name, file in files.items():
+        assert arts[name]["sha256"] == sha256_file(arts[name]["path"] + file), name
+        assert not arts[name]["reused"], name
+    for name in ("pretrained", "finetuned", "evaluation"):
+        assert arts[name]["wandb_run_id"], name
+    assert read_lineage(arts["finetuned"]["path"]).parent_package == arts["pretrained"]["path"]
+    assert read_lineage(arts["finetuned"]["path"]).data_manifest_sha256 == arts["data"]["sha256"]
+    results = json.loads(as_path(arts["evaluation"]["path"]).read_text())
+    assert results["package"]["path"] == arts["finetuned"]["path"] and results["counts"]["samples"] == 8
+    assert as_path(f"{run}/wandb").is_dir()  # the lineage's W&B runs, pushed from the run folder's mirror
+
+
+def test_a_sweep_in_s3_keeps_tune_state_trials_and_best_package_in_the_bucket(s3_pipeline, capsys):
+    """The pipeline's sweep stage (`seqfoundry sweep run.dir=s3://.../sweep`): read back from the bucket;
+    resume=true on the finished sweep restores Tune's state from the bucket and runs no trial again."""
+    sweep = f"{s3_pipeline}/sweep"
+    root = as_path(sweep)
+    results = json.loads((root / "sweep_results.json").read_text())
+    assert results["dir"] == sweep and results["pretrained"] == f"{s3_pipeline}/pretrain/model"
+    assert results["num_trials"] == 2 and (root / "config.yaml").is_file()
+    for t in results["trials"]:
+        assert t["dir"] == f"{sweep}/trial_{t['trial_id']}" and t["status"] in ("TERMINATED", "EARLY_STOPPED")
+        rows = read_jsonl(f"{t['dir']}/metrics.jsonl")
+        steps = [r["step"] for r in rows if "loss" in r]
+        assert steps == [1, 2, 3, 4][:len(steps)] and len(steps) >= 2, steps  # ASHA may stop one after step 2
+        assert 2 in [r["step"] for r in rows if "val_loss" in r]
+        assert json.loads(as_path(f"{t['dir']}/run.json").read_text())["wandb_run_id"] == t["wandb_run_id"]
+        assert f"dir: {t['dir']}" in as_path(f"{t['dir']}/config.yaml").read_text()
+    best = results["best"]
+    assert best["status"] == "TERMINATED" and best["package"] == f"{best['dir']}/model"
+    assert best["package"] == lineage_record(s3_pipeline)["finetuned"]["path"]
+    load_package(local_copy(best["package"]))  # the package in the bucket is whole
+    assert any(p.name.startswith("experiment_state") for p in (root / "tune").iterdir())  # Tune's own state
+    assert not list(Path.cwd().glob("s3:*"))  # no URL was taken for a local path anywhere
+
+    args = ["sweep", *PIPELINE[1:], f"data.dir={s3_pipeline}/data",
+            f"pretrained={s3_pipeline}/pretrain/model", f"run.dir={sweep}"]
+    before = {t["dir"]: as_path(f"{t['dir']}/run.json").read_bytes() for t in results["trials"]}
+    capsys.readouterr()
+    assert main([*args, "resume=true"]) == 0  # the finished sweep, restored from the bucket: nothing to run
+    assert "resumed" in capsys.readouterr().out
+    again = json.loads((root / "sweep_results.json").read_text())
+    assert sorted((t["trial_id"], t["status"]) for t in again["trials"]) == \
+        sorted((t["trial_id"], t["status"]) for t in results["trials"])
+    assert again["best"]["package"] == best["package"]
+    assert {d: as_path(f"{d}/run.json").read_bytes() for d in before} == before  # no trial ran again
+    assert main(args) == 2  # without resume=true: refused in one line, the bucket holds a sweep
+    assert "run.dir: " + sweep + " already holds a sweep" in capsys.readouterr().err
+
+
+def test_a_rerun_of_a_pipeline_in_s3_reuses_every_stage(s3_pipeline):
+    """Another machine (nothing cached): only the bucket tells which stages are done."""
+    before = lineage_record(s3_pipeline)
+    assert main([*PIPELINE, f"run.dir={s3_pipeline}"]) == 0
+    after = lineage_record(s3_pipeline)
+    assert {name: (a["path"], a["sha256"], a["reused"]) for name, a in after.items()} == \
+        {name: (a["path"], a["sha256"], True) for name, a in before.items()}
