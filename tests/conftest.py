@@ -20,26 +20,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def _ray_session():
-    """Shuts down, at the end of the session, the local cluster that `local_ray` modules share."""
-    yield
-    import ray
-
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
-def local_ray(_ray_session):
-    """A local Ray cluster (2 CPUs) that commands join instead of starting one. Started by the first module
-    that asks and shared by the next ones (starting and stopping one per module cost a minute of CI); a
-    module that needs a cluster of its own (other environment variables for its workers) shuts it down
-    first, and the next module that asks starts a fresh one."""
+def local_ray():
+    """A fresh local Ray cluster (2 CPUs) for one test module; commands join it instead of starting one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

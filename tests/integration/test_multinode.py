@@ -168,9 +168,6 @@ def cluster(s3_bucket, tmp_path_factory):
     Both nodes reach the session's local S3 server (AWS_* variables) and each has its own
     SEQFOUNDRY_CACHE, as two machines would.
     """
-    import ray
-
-    ray.shutdown()  # the local cluster other modules share (conftest.local_ray): two nodes of its own here
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the job's `python`
