@@ -55,7 +55,7 @@ class WorkerJob:
     pretrained: str = ""
     """Model package whose weights initialise the model (fine-tuning)."""
     make_tracker: Callable[..., Any] | None = None
-    """Rank 0 calls make_tracker(resume_from_step=...) to get an object with log/summary/finish."""
+    """Rank 0 calls make_tracker(resume_from_step=...) to get an object with log/commit/summary/table/alert/finish."""
     checkpoint_root: str = ""
     """Where Ray Train persists the checkpoints (<storage>/checkpoints)."""
     on_checkpoint: Callable[..., Any] | None = None
@@ -441,6 +441,7 @@ class RunSink:
         self.folder.push(name)  # ranks on other nodes read it from the remote run folder
 
     def checkpoint_saved(self, *, step: int, tag: str) -> None:
+        self.tracker.commit()  # the history up to this checkpoint survives a kill (metrics.jsonl already does)
         self.folder.push(*RANK0_FILES)
         if self.job.on_checkpoint is not None:
             self.job.on_checkpoint(step=step, path=f"{self.job.checkpoint_root}/{tag}")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from orchestrator.tracking import Tracker, TrackingConfig
+from tests.helpers.wandb_offline import history, run_ids
 from trainers.config import TrainerConfig
 
 
@@ -248,3 +252,25 @@ def test_the_evaluation_log_writes_its_jsonl_before_wandb(tmp_path):
     with pytest.raises(ConnectionError):
         log.append({"step": 3, "bleu": 1.0}, results=object())
     assert log.find(3)["bleu"] == 1.0  # the results are on disk even though W&B failed
+
+
+KILLED_TRACKER = """
+import os, sys, time
+from orchestrator.tracking import Tracker, TrackingConfig
+tracker = Tracker(TrackingConfig(mode="offline"), run_dir=sys.argv[1], run_id="killed01", name="k", config={})
+for step in (1, 2, 3):
+    tracker.log(step, {"loss": 1.0 / step})
+tracker.commit()  # as rank 0 does after a checkpoint
+time.sleep(3.0)  # a checkpoint's time; W&B's default flush interval (15 s) is far longer
+os.kill(os.getpid(), 9)  # a dying machine: no finish
+"""
+
+
+def test_wandb_history_survives_a_killed_process(tmp_path):
+    """What rank 0 logged reaches the offline `.wandb` file within FLUSH_INTERVAL_S, before any finish: a
+    killed attempt of a kill-and-resume used to lose its whole W&B history (15 s of buffering)."""
+    proc = subprocess.run([sys.executable, "-c", KILLED_TRACKER, str(tmp_path)], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert [row["_step"] for row in history(tmp_path) if "loss" in row] == [1, 2, 3]
+    assert run_ids(tmp_path) == {"killed01"}
