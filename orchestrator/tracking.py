@@ -56,10 +56,10 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-FLUSH_INTERVAL_S = 1.0
+FLUSH_INTERVAL_S = 0.5
 """How often W&B writes a run's records to its `.wandb` file. W&B's default (15 s) loses that much history,
 offline the only copy, when a machine or worker dies (SIGKILL skips `finish`); a kill-and-resume test lost a
-whole short attempt that way."""
+whole short attempt that way. `Tracker.commit` (at every checkpoint) also waits for the write."""
 
 
 def open_wandb(cfg: TrackingConfig, *, run_dir: Path, run_id: str | None, name: str | None, job_type: str,
@@ -204,11 +204,18 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def commit(self) -> None:
-        """Close the current step's W&B row (W&B holds a step's row open until a later step is logged), so
-        that a checkpoint's history is on disk within FLUSH_INTERVAL_S even if the process dies next."""
-        if self.wandb is not None:
-            self.wandb.log({}, commit=True)
+    def commit(self, *, wait_s: float = 4 * FLUSH_INTERVAL_S) -> None:
+        """Close the current step's W&B row (W&B holds a step's row open until a later step is logged) and
+        wait (at most `wait_s`) until W&B has written it to the run's `.wandb` file: the history up to a
+        checkpoint then survives a kill that comes right after it, as metrics.jsonl does."""
+        if self.wandb is None:
+            return
+        path = Path(self.wandb.settings.sync_file)
+        size = path.stat().st_size if path.is_file() else 0
+        self.wandb.log({}, commit=True)
+        deadline = time.time() + wait_s
+        while time.time() < deadline and (path.stat().st_size if path.is_file() else 0) <= size:
+            time.sleep(0.05)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb is not None:

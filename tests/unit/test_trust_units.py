@@ -261,14 +261,15 @@ tracker = Tracker(TrackingConfig(mode="offline"), run_dir=sys.argv[1], run_id="k
 for step in (1, 2, 3):
     tracker.log(step, {"loss": 1.0 / step})
 tracker.commit()  # as rank 0 does after a checkpoint
-time.sleep(3.0)  # a checkpoint's time; W&B's default flush interval (15 s) is far longer
+tracker.log(4, {"loss": 0.25})  # and at once on: the kill comes before any flush interval has passed
 os.kill(os.getpid(), 9)  # a dying machine: no finish
 """
 
 
 def test_wandb_history_survives_a_killed_process(tmp_path):
-    """What rank 0 logged reaches the offline `.wandb` file within FLUSH_INTERVAL_S, before any finish: a
-    killed attempt of a kill-and-resume used to lose its whole W&B history (15 s of buffering)."""
+    """What rank 0 logged up to a checkpoint (`commit`) is in the offline `.wandb` file when the process is
+    killed right after it, with no finish: a killed attempt of a kill-and-resume used to lose its whole W&B
+    history (15 s of buffering, and the last step's row held open)."""
     proc = subprocess.run([sys.executable, "-c", KILLED_TRACKER, str(tmp_path)], cwd=Path(__file__).parents[2],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
