@@ -1,8 +1,10 @@
 """`seqfoundry generate` as a subprocess: lines on stdin, decoded lines on stdout
-(text or JSONL with scores), any strategy, files in and out, bad config."""
+(text or JSONL with scores), any strategy, files in and out, bad config (each bad key in-process,
+one of them through a real process)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from data_pipeline import EOS_ID, load_tokenizer, tokenize
+from orchestrator.cli import main
 from trainers.package import load_package
 from tests.helpers.copy_task import copy_package
 
@@ -91,11 +94,20 @@ def test_generate_with_ctranslate2_float32_equals_the_torch_engine(package):
     (["generate.format=xml"], "generate.format"),
     (["generate.input=/no/such/file.txt"], "generate.input"),
 ])
-def test_bad_generate_config_is_one_line_with_exit_2(args, key, package):
+def test_bad_generate_config_is_one_line_with_exit_2(args, key, package, capsys, monkeypatch):
     if not any(a.startswith("package=") for a in args) and key != "generate.package":
         args = [f"package={package}", *args]
-    proc = generate(*args, stdin="x\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("x\n"))
+    assert main(["generate", *args]) == 2  # in-process: one real process below
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"seqfoundry generate: error: {key}"), out.err
+    assert out.out == ""
+
+
+def test_a_bad_generate_config_is_one_line_from_the_real_process_too(package):
+    proc = generate(f"package={package}", "generate.engine=onnx", stdin="x\n")
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"seqfoundry generate: error: {key}"), proc.stderr
+    assert len(err) == 1 and err[0].startswith("seqfoundry generate: error: generate.engine"), proc.stderr
     assert proc.stdout == ""
