@@ -210,10 +210,11 @@ class Tracker:
         checkpoint then survives a kill that comes right after it, as metrics.jsonl does."""
         if self.wandb is None:
             return
-        path = Path(self.wandb.settings.sync_file)
-        size = path.stat().st_size if path.is_file() else 0
+        sync_file = getattr(getattr(self.wandb, "settings", None), "sync_file", None)  # None: a run W&B disabled
+        path = Path(sync_file) if sync_file else None
+        size = path.stat().st_size if path and path.is_file() else 0
         self.wandb.log({}, commit=True)
-        deadline = time.time() + wait_s
+        deadline = time.time() + (wait_s if path else 0.0)
         while time.time() < deadline and (path.stat().st_size if path.is_file() else 0) <= size:
             time.sleep(0.05)
 
