@@ -109,6 +109,10 @@ def init_resumable(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str
             time.sleep(2.0)
 
 
+def _file_size(path: str | None) -> int:
+    return os.path.getsize(path) if path and os.path.isfile(path) else 0
+
+
 def alert(title: str, text: str, *, level: str = "WARN", online: bool) -> None:
     """`ALERT [level] title: text` on stdout, and `wandb.alert` on the current run when online."""
     sys.stdout.write(f"ALERT [{level}] {title}: {text}\n")
@@ -211,11 +215,10 @@ class Tracker:
         if self.wandb is None:
             return
         sync_file = getattr(getattr(self.wandb, "settings", None), "sync_file", None)  # None: a run W&B disabled
-        path = Path(sync_file) if sync_file else None
-        size = path.stat().st_size if path and path.is_file() else 0
+        before = _file_size(sync_file)
         self.wandb.log({}, commit=True)
-        deadline = time.time() + (wait_s if path else 0.0)
-        while time.time() < deadline and (path.stat().st_size if path.is_file() else 0) <= size:
+        deadline = time.time() + (wait_s if sync_file else 0.0)
+        while time.time() < deadline and _file_size(sync_file) <= before:
             time.sleep(0.05)
 
     def summary(self, values: dict[str, Any]) -> None:
