@@ -203,7 +203,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(rank, data_workers, damage
     run_id = json.loads((killed / "run.json").read_text())["wandb_run_id"]
     assert run_ids(killed) == {run_id}
     logged = [row for row in history(killed) if "loss" in row]
-    # both attempts' steps reach W&B: the killed one's were flushed before the kill (tracking.FLUSH_INTERVAL_S)
+    # both attempts' steps reach W&B: the killed one's were written at its step-3 checkpoint (Tracker.commit)
     assert {row["_step"] for row in logged} == set(range(1, 9))
     assert json.loads((killed / "model" / "lineage.json").read_text())["wandb_run_id"] == run_id
 

@@ -255,7 +255,7 @@ def test_the_evaluation_log_writes_its_jsonl_before_wandb(tmp_path):
 
 
 KILLED_TRACKER = """
-import os, sys, time
+import os, sys
 from orchestrator.tracking import Tracker, TrackingConfig
 tracker = Tracker(TrackingConfig(mode="offline"), run_dir=sys.argv[1], run_id="killed01", name="k", config={})
 for step in (1, 2, 3):
