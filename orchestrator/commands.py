@@ -10,6 +10,7 @@ included.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -96,7 +97,7 @@ def add_config_commands(sub: argparse._SubParsersAction) -> None:
     """One subparser per config command: --cfg, -m (where it makes sense) and KEY=VALUE overrides."""
     for cmd in CONFIG_COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
-                           epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=KEYS_EPILOG, formatter_class=_KeysHelpFormatter)
         p.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
         if cmd.multirun:
             p.add_argument("-m", "--multirun", action="store_true",
@@ -111,6 +112,19 @@ def config_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KEYS_EPILOG = "<config keys>"
+"""A config command's epilog: `_KeysHelpFormatter` writes the key table in its place."""
+
+
+class _KeysHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Writes the config-key table only when help is printed: reading every field's docstring from the
+    source takes seconds, which every command line would otherwise pay before it runs."""
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(_keys_epilog() if text == KEYS_EPILOG else text)
+
+
+@functools.cache
 def _keys_epilog() -> str:
     rows = [f"  {key} = {default!r}\n      {doc}" for key, default, doc in describe_keys()]
     return "config keys (override with KEY=VALUE; groups: model=, decoding=, experiment=):\n" + "\n".join(rows)
