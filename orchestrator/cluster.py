@@ -27,6 +27,7 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
         kwargs = {}
     else:  # a fresh local cluster, never one that `ray start` left running on this machine
         kwargs = {"address": "local", "num_cpus": cluster.num_cpus or None}
+        local_cluster_environment()
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls.
     ray.init(**kwargs, log_to_driver=True, configure_logging=True,
              logging_level="WARNING", runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}})
@@ -34,6 +35,16 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def local_cluster_environment() -> None:
+    """Settings for a cluster of this one machine, set before it starts (its processes inherit them).
+
+    Ray Train's preemption watcher (one more actor process per run, polling the cluster's drain state)
+    watches for cloud nodes being reclaimed: a machine's own cluster is never drained. The user's own
+    setting wins.
+    """
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def local_cpus(cluster: ClusterConfig) -> int | None:

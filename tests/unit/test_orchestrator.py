@@ -5,6 +5,7 @@ pipeline stage before the first one runs."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -147,3 +148,14 @@ def test_the_pipelines_fine_tunes_train_on_pairs_for_pipeline_finetune_steps(tmp
     assert longer.trainer.max_steps == 7 and job.trainer.max_steps == 30  # pretraining keeps its own
     with pytest.raises(Exception, match="pipeline.finetune_steps"):
         to_typed(compose_config(["pipeline.finetune_steps=-1"]))
+
+
+def test_a_local_cluster_runs_without_the_preemption_watcher_unless_the_user_asks(monkeypatch):
+    from orchestrator.cluster import local_cluster_environment
+
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    local_cluster_environment()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    local_cluster_environment()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
