@@ -30,7 +30,7 @@ print(f"torch {torch.__version__}, cuda {torch.version.cuda}, gpus {torch.cuda.d
 PY
 
 echo "== 1. tests/gpu"
-DS_ACCELERATOR=cuda timeout 300 .venv/bin/python -m pytest -q -m gpu tests/gpu -p no:cacheprovider \
+DS_ACCELERATOR=cuda timeout 300 .venv/bin/python -m pytest -q -m gpu tests/gpu -p no:cacheprovider -n 0 \
   > "$OUT/gpu_tests.log" 2>&1
 rc=$?; tail -5 "$OUT/gpu_tests.log"
 # every test must have run (a skip on a GPU machine means CUDA was not seen: a failure here)

@@ -9,6 +9,12 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# What `seqfoundry` sets for a local cluster (orchestrator.cluster), for the clusters the tests start; and
+# room for a worker group to start while the other test process also starts one (Ray's default: 60 s).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)  # two test processes on two cores: intra-op threads would only contend
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,12 +28,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A fresh local Ray cluster (2 CPUs) for one test module; commands join it instead of starting one."""
+    """A local Ray cluster (2 CPUs) that the test modules of this process share; commands join it instead of
+    starting one. Starting a cluster and Ray Train's first run on it cost ~15 s per module, so it is started
+    once, and replaced only after a module that left something holding its CPUs."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
-    ray.shutdown()
+    if ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ def gpus() -> int:
 @pytest.fixture(scope="module")
 def gpu_ray():
     """A local Ray cluster that sees this machine's GPUs (one worker per GPU)."""
+    ray.shutdown()  # not the CPU cluster that conftest's local_ray shares between modules
     ray.init(address="local", num_cpus=max(2 * gpus(), 2), num_gpus=gpus(), include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     yield

@@ -117,6 +117,7 @@ def ray_with_s3(s3_bucket, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     saved = os.environ.get("SEQFOUNDRY_CACHE")
     os.environ["SEQFOUNDRY_CACHE"] = str(cache)
+    ray.shutdown()  # its workers must see SEQFOUNDRY_CACHE: not the shared cluster (conftest local_ray)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield cache
     ray.shutdown()

@@ -92,13 +92,13 @@ def artifacts(run_dir) -> dict:
             if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"}
 
 
-def live_placement_groups() -> list[dict]:
-    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+def live_placement_groups() -> set[str]:
+    return {pg["placement_group_id"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"}
 
 
 def test_asha_stops_a_lagging_trial_and_releases_its_workers(tiny_data, pretrained, tmp_path):
     """One trial at a time: lr=3e-3 runs out first; lr=1e-9 trails it at the step-2 rung and is stopped."""
-    run = tmp_path / "sweep"
+    run, live_before = tmp_path / "sweep", live_placement_groups()  # the cluster is shared with other modules
     code = main(sweep_args(tiny_data, pretrained, run, "sweep.num_samples=1", "sweep.max_concurrent=1",
                            "~sweep.space.model", "~sweep.space.trainer.freeze",
                            "sweep.space.trainer.lr=[grid,3e-3,1e-9]"))
@@ -111,7 +111,7 @@ def test_asha_stops_a_lagging_trial_and_releases_its_workers(tiny_data, pretrain
     assert stopped["package"] is None and stopped["error"] is None
     assert stopped["metrics"]["val_loss"] > by_lr[3e-3]["metrics"]["val_loss"]
     assert results["best"]["trial_id"] == by_lr[3e-3]["trial_id"]
-    assert not live_placement_groups()  # the stopped trial's TorchTrainer was aborted, not orphaned
+    assert live_placement_groups() == live_before  # the stopped trial's TorchTrainer was aborted, not orphaned
 
 
 @pytest.mark.parametrize("override, needle", [
