@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
+from orchestrator.cluster import local_cluster_environment
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# What `seqfoundry` sets for a local cluster (orchestrator.cluster), for the clusters the tests start; and
-# room for a worker group to start while the other test process also starts one (Ray's default: 60 s).
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+local_cluster_environment()  # what `seqfoundry` sets for a local cluster, for the clusters the tests start
+# Room for a worker group to start while the other test process also starts one (Ray's default: 60 s).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(1)  # two test processes on two cores: intra-op threads would only contend
