@@ -9,6 +9,7 @@ final period, so that two short runs learn what the demo's corpus needs thousand
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def learned(tmp_path_factory) -> Path:
     assert main(["evaluate", f"data.dir={data}", f"run.dir={root / 'eval'}", "eval.strategies=[greedy]",
                  f"eval.package={root / 'finetune' / 'model'}", "eval.max_samples=100", "eval.baseline=copy"]) == 0
     return root
+
+
+def losses(run: Path) -> list[float]:
+    return [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def test_the_training_losses_fall(learned):
+    """Each logged loss is the token-weighted mean of the 100 steps before it. Measured (deterministic fixture): pretraining
+    3.07 -> 0.69 over steps 1-100 -> 701-800, fine-tuning 0.25 -> 0.002; a uniform guess costs ln(vocab) ~ 6."""
+    vocab = Tokenizer.from_file(str(learned / "data" / "tokenizer.json")).get_vocab_size()
+    pretrain, finetune = losses(learned / "pretrain"), losses(learned / "finetune")
+    assert len(pretrain) == 8 and len(finetune) == 3
+    assert pretrain[0] < math.log(vocab) and pretrain[-1] < 0.5 * pretrain[0], pretrain
+    assert finetune[-1] < 0.1 * finetune[0] and finetune[-1] < 0.05, finetune
 
 
 def test_the_fine_tuned_model_beats_copying_its_input(learned):
