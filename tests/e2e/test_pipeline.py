@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 FAST = ["trainer.max_steps=6", "trainer.val_every=3", "trainer.checkpoint_every=100", "trainer.log_every=2",
         "trainer.warmup_steps=1", "sweep.num_samples=2", "eval.max_samples=16", "data.num_workers=0",
-        "pipeline.compare_scratch=true"]
+        "pipeline.compare_scratch=true", "trainer.num_workers=1"]
 
 
 pytestmark = pytest.mark.usefixtures("local_ray")
