@@ -1,0 +1,49 @@
+"""2 -> 1 -> 2 ranks ends where an uninterrupted 2-rank run ends: the trainer's DeepSpeed engines (gloo, CPU)
+restored through trainers.checkpoint on another world size keep the weights, the optimizer state and the
+LR schedule (tests/helpers/ds_reshard.py says how the runs are built).
+
+The global batch is the same on every world size, so the runs differ only by the order of fp32 sums:
+gaps of ~1e-7. A restore that loses the optimizer and scheduler state (the control, measured beside)
+moves the weights by ~2e-3. (The CLI-level 2 -> 1 -> 2 resume, with the data re-split, is
+test_train.py's test_resume_on_another_world_size_and_back.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = [0, 1, 2, 3]
+RESHARD_ATOL = 1e-6  # the stage-agreement tolerance of test_train.py: fp32 summation order only
+LOST_STATE_MIN = 1e-4  # the control must be far outside it, or the comparison could not fail
+
+
+@pytest.fixture(scope="module")
+def gaps(tmp_path_factory) -> dict[int, dict[str, float]]:
+    root = tmp_path_factory.mktemp("reshard")
+    out = subprocess.run([sys.executable, str(ROOT / "tests/helpers/ds_reshard.py"), str(root), *map(str, STAGES)],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+    return {int(stage): gap for stage, gap in json.loads(line).items()}
+
+
+ZERO3 = pytest.mark.xfail(strict=True, reason=(
+    "DeepSpeed 0.19's ZeRO-3 universal loader (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3) "
+    "restores 1-D parameters (biases, norms) inexactly: 5e-5 after one step (measured), 1e-7 under ZeRO 0-2; "
+    "it also gives every param group the first group's hyperparameters (weight decay on the no-decay group)"))
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, pytest.param(3, marks=ZERO3)])
+def test_two_to_one_to_two_ranks_ends_where_the_uninterrupted_run_ends(gaps, zero):
+    gap = gaps[zero]
+    print(f"ZeRO-{zero}: 2->1->2 vs uninterrupted max |dw| = {gap['resharded']:.3g}; "
+          f"restored without optimizer state: {gap['without_optimizer_state']:.3g}")
+    assert gap["without_optimizer_state"] >= LOST_STATE_MIN, gap
+    assert gap["resharded"] <= RESHARD_ATOL, gap
