@@ -185,7 +185,7 @@ def load(engine, folder: str | Path, *, rank: int, universal: Path | None = None
     tag = latest_tag(folder)
     if tag is None:
         raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint ('latest' file missing)")
-    with weights_only_loads():
+    with weights_only_loads(), own_group_hyperparameters(engine):
         path, _ = engine.load_checkpoint(str(universal or folder), tag=tag, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
@@ -195,6 +195,29 @@ def load(engine, folder: str | Path, *, rank: int, universal: Path | None = None
     if len(states) == engine.world_size:
         restore_rng(mine.rng)
     return mine, [s.data for s in states]
+
+
+@contextlib.contextmanager
+def own_group_hyperparameters(engine) -> Iterator[None]:
+    """Keep each optimizer param group's own hyperparameters (weight decay: none on biases and norms) through
+    a checkpoint load; the LR and its schedule come from the checkpoint.
+
+    DeepSpeed 0.19's ZeRO-3 universal loader (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`) copies
+    the first saved group's hyperparameters onto every group, so a ZeRO-3 resume on another world size would
+    decay the no-decay group for the rest of the run. The groups are ours (trainers.engine.build_optimizer),
+    and a resume may not change them (orchestrator.runs.RESUME_MAY_CHANGE).
+    """
+    groups = _base_param_groups(engine)
+    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+    yield
+    for group, hyper in zip(_base_param_groups(engine), own):
+        group.update(hyper)
+
+
+def _base_param_groups(engine) -> list[dict]:
+    """The param groups of the torch optimizer under DeepSpeed's wrapper (ZeRO 1-3), or of the optimizer."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer).param_groups
 
 
 def state_files(folder: str | Path, tag: str) -> list[Path]:

@@ -12,7 +12,8 @@ of 4 rows per step, for each ZeRO stage:
   state): what a resume that lost that state would give.
 
 It prints one JSON line: for each stage, the max |dw| of the resharded and of the control run's final
-fp32 weights against the uninterrupted run's. The global batch is the same on every world size (one
+fp32 weights against the uninterrupted run's, and each optimizer param group's weight decay after the
+restore on 1 rank. The global batch is the same on every world size (one
 rank's loss is the mean over its rows, and DeepSpeed averages gradients over ranks), so the runs differ
 only by the order of fp32 sums.
 """
@@ -66,6 +67,10 @@ def train(rank: int, world: int, stage: int, steps: range, start: str | None, sa
                              load_universal=universal)
     if start:
         restore(engine, start, rank, world, universal=universal, optimizer_state=optimizer_state)
+        if rank == 0:  # what the restored optimizer will apply, group by group
+            base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW under ZeRO
+            groups = [g["weight_decay"] for g in base.param_groups]
+            Path(f"{min(save_at.values())}.weight_decay.json").write_text(json.dumps(groups))
     for step in steps:
         src, lengths, tgt_in, tgt_out = rows(step, rank, world)
         engine.backward(engine(src, lengths, tgt_in, labels=tgt_out))
@@ -130,7 +135,8 @@ def gaps(folder: str) -> dict[str, float]:
     def gap(other: dict[str, torch.Tensor]) -> float:
         return max(float((other[k] - reference[k]).abs().max()) for k in reference)
 
-    return {"resharded": gap(final["c5"]), "without_optimizer_state": gap(final["x5"])}
+    return {"resharded": gap(final["c5"]), "without_optimizer_state": gap(final["x5"]),
+            "weight_decay_by_group": json.loads(Path(f"{folder}/b4.weight_decay.json").read_text())}
 
 
 if __name__ == "__main__":
