@@ -266,9 +266,14 @@ def test_the_package_is_the_checkpoint_with_the_best_validation_loss(tiny_data, 
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert f"step_{best_step:08d}" in kept and "step_00000008" in kept  # the best and the latest
     assert metrics(run)[-1]["best_val_loss"] == pytest.approx(best_loss)
+    # lr 1e-12 leaves the fp32 weights unchanged (as in the patience test below): steps 2 and 4 validate
+    # equal, so ranking by val_loss would keep step 2; best_metric=none must package step 4 all the same.
     last = tmp_path / "last"
     assert main(["pretrain", *base(tiny_data, last, "trainer.num_workers=1", "trainer.max_steps=4",
-                                   "trainer.val_every=2", "trainer.best_metric=none")]) == 0
+                                   "trainer.val_every=2", "trainer.best_metric=none", "trainer.lr=1e-12",
+                                   "trainer.schedule=constant")]) == 0
+    validated = [m["val_loss"] for m in metrics(last) if "val_loss" in m]
+    assert len(validated) == 2 and validated[0] == validated[1], validated
     assert read_lineage(last / "model").step == 4
 
 
