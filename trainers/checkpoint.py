@@ -185,7 +185,7 @@ def load(engine, folder: str | Path, *, rank: int, universal: Path | None = None
     tag = latest_tag(folder)
     if tag is None:
         raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint ('latest' file missing)")
-    with weights_only_loads(), own_group_hyperparameters(engine):
+    with weights_only_loads(), own_optimizer_groups(engine):
         path, _ = engine.load_checkpoint(str(universal or folder), tag=tag, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
@@ -198,26 +198,31 @@ def load(engine, folder: str | Path, *, rank: int, universal: Path | None = None
 
 
 @contextlib.contextmanager
-def own_group_hyperparameters(engine) -> Iterator[None]:
-    """Keep each optimizer param group's own hyperparameters (weight decay: none on biases and norms) through
-    a checkpoint load; the LR and its schedule come from the checkpoint.
+def own_optimizer_groups(engine) -> Iterator[None]:
+    """Keep each optimizer param group its own through a checkpoint load: its hyperparameters (weight decay:
+    none on biases and norms; the LR and its schedule come from the checkpoint) and its own step count.
 
-    DeepSpeed 0.19's ZeRO-3 universal loader (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`) copies
-    the first saved group's hyperparameters onto every group, so a ZeRO-3 resume on another world size would
-    decay the no-decay group for the rest of the run. The groups are ours (trainers.engine.build_optimizer),
-    and a resume may not change them (orchestrator.runs.RESUME_MAY_CHANGE).
+    DeepSpeed 0.19's ZeRO-3 universal loader (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`), used
+    when a ZeRO-3 run resumes on another world size, (1) copies the first saved group's hyperparameters onto
+    every group, which would decay biases and norms for the rest of the run, and (2) hands every group one
+    and the same `step` tensor, which torch's Adam increments in place once per group and step, so the
+    bias correction of every group after the first runs ahead. The groups are ours
+    (trainers.engine.build_optimizer), and a resume may not change them (orchestrator.runs.RESUME_MAY_CHANGE).
     """
-    groups = _base_param_groups(engine)
-    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+           for g in _base_optimizer(engine).param_groups]
     yield
-    for group, hyper in zip(_base_param_groups(engine), own):
+    optimizer = _base_optimizer(engine)
+    for group, hyper in zip(optimizer.param_groups, own):
         group.update(hyper)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
-def _base_param_groups(engine) -> list[dict]:
-    """The param groups of the torch optimizer under DeepSpeed's wrapper (ZeRO 1-3), or of the optimizer."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer).param_groups
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (ZeRO 1-3), or the engine's own (ZeRO-0)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def state_files(folder: str | Path, tag: str) -> list[Path]:
