@@ -20,6 +20,7 @@ only by the order of fp32 sums.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ OVERRIDES = ["experiment=tiny", "model=transformer", "model.dropout=0.0", "train
              "trainer.warmup_steps=2", "trainer.lr=1e-3", "trainer.micro_batch_size=2"]
 
 
+@functools.cache  # composed once per stage and process, not per step
 def job(stage: int):
     from orchestrator.config import compose_config, to_typed
 
