@@ -23,6 +23,7 @@ from data_pipeline.shards import read_shard
 from data_pipeline.storage import as_path, download_tree, local_copy, sha256_file
 from orchestrator.cli import main
 from tests.helpers.data import prepare_tiny
+from tests.helpers.sweep_resume import OPTUNA_BLEU, check_resumed, first_trial_record, killed_driver, sweep_args
 from tests.helpers.wandb_offline import history, run_ids
 from trainers.package import load_package, read_lineage
 
@@ -341,6 +342,25 @@ def test_a_sweep_in_s3_keeps_tune_state_trials_and_best_package_in_the_bucket(s3
     assert {d: as_path(f"{d}/run.json").read_bytes() for d in before} == before  # no trial ran again
     assert main(args) == 2  # without resume=true: refused in one line, the bucket holds a sweep
     assert "run.dir: " + sweep + " already holds a sweep" in capsys.readouterr().err
+
+
+def test_an_optuna_sweep_in_s3_killed_after_its_first_trial_resumes_from_the_bucket(ray_with_s3, s3_pipeline,
+                                                                                   s3_bucket, tmp_path):
+    """tests/integration/test_sweep.py's kill-and-resume with run.dir in the bucket: the driver is SIGKILLed
+    while trial two runs; `resume=true` on another machine (nothing cached) restores Tune's state from the
+    bucket, does not run trial one again and ranks both on BLEU."""
+    run = f"{s3_bucket}/sweeps/killed"
+    args = sweep_args(f"{s3_pipeline}/data", f"{s3_pipeline}/pretrain/model", run, *OPTUNA_BLEU)
+    killed_driver(args, run, log=tmp_path / "killed_driver.log")
+    before = first_trial_record(run)
+    assert not list(Path.cwd().glob("s3:*"))  # no URL was taken for a local path
+
+    wipe(ray_with_s3)
+    assert main([*args, "resume=true"]) == 0
+    results = check_resumed(run, before)
+    assert all(t["dir"].startswith(f"{run}/trial_") for t in results["trials"])
+    assert results["best"]["package"] == f"{results['best']['dir']}/model"
+    load_package(local_copy(results["best"]["package"]))  # the best package in the bucket is whole
 
 
 def test_a_rerun_of_a_pipeline_in_s3_reuses_every_stage(s3_pipeline):

@@ -14,6 +14,7 @@ from orchestrator.cli import main
 from orchestrator.config import compose_config, to_typed
 from trainers.models import build_model
 from trainers.package import Lineage, load_package, write_package
+from tests.helpers.sweep_resume import OPTUNA_BLEU, check_resumed, first_trial_record, killed_driver, sweep_args
 from tests.helpers.wandb_offline import offline_runs, records, run_ids
 
 ray = pytest.importorskip("ray")
@@ -29,13 +30,6 @@ def pretrained(tiny_data, tmp_path_factory) -> Path:
     model = build_model(to_typed(compose_config(["experiment=tiny"])).model)
     return write_package(tmp_path_factory.mktemp("pretrained") / "model", model,
                          tokenizer=tiny_data / "tokenizer.json", lineage=Lineage())
-
-
-def sweep_args(data: Path, package: Path, run: Path, *extra: str) -> list[str]:
-    return ["sweep", "experiment=tiny", "sweep=tiny", f"data.dir={data}", f"pretrained={package}", f"run.dir={run}",
-            "trainer.num_workers=1", "trainer.max_steps=4", "trainer.val_every=2", "trainer.val_batches=2",
-            "trainer.log_every=1", "trainer.checkpoint_every=100", "trainer.warmup_steps=1",
-            "trainer.max_failures=0", "data.num_workers=0", *extra]
 
 
 def wandb_group(run_dir: Path) -> set[str]:
@@ -148,53 +142,13 @@ def test_freeze_leaves_the_named_parameters_untrained(arch):
 def test_a_bleu_ranked_optuna_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(
         tiny_data, pretrained, tmp_path):
     """Trial one runs out; the driver is SIGKILLed while trial two runs; `resume=true` restores the
-    Tuner: trial one is not run again, trial two continues, and BLEU (max) picks the best."""
+    Tuner: trial one is not run again, trial two continues, and BLEU (max) picks the best.
+    (tests/integration/test_object_storage.py does the same with run.dir in a bucket.)"""
     run = tmp_path / "sweep"
-    args = sweep_args(tiny_data, pretrained, run, "sweep.num_samples=2", "sweep.max_concurrent=1",
-                      "sweep.scheduler=fifo", "sweep.search=optuna", "sweep.seed=3", "sweep.metric=val_bleu",
-                      "sweep.metric_samples=4", "trainer.val_samples=2", "~sweep.space.model",
-                      "~sweep.space.trainer.freeze")
-    killed_driver(args, run)
-    [first] = [d for d in run.glob("trial_*") if (d / "model" / "model.safetensors").is_file()]
-    before = {p: p.read_bytes() for p in (first / "run.json", first / "metrics.jsonl")}
+    args = sweep_args(tiny_data, pretrained, run, *OPTUNA_BLEU)
+    killed_driver(args, run, log=tmp_path / "killed_driver.log")
+    before = first_trial_record(run)
 
     assert main([*args, "resume=true"]) == 0
-    results = json.loads((run / "sweep_results.json").read_text())
-    assert results["metric"] == "val_bleu" and results["mode"] == "max" and results["num_trials"] == 2
-    assert [t["status"] for t in results["trials"]] == ["TERMINATED", "TERMINATED"]
-    assert {p: p.read_bytes() for p in before} == before  # trial one was not run again
-    for t in results["trials"]:
-        rows = [json.loads(line) for line in (Path(t["dir"]) / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # each step trained once in the record
-        assert [r["step"] for r in rows if "val_bleu" in r] == [2, 4] and 0 <= t["metrics"]["val_bleu"] <= 100
-    best = max(results["trials"], key=lambda t: t["metrics"]["val_bleu"])
-    assert results["best"]["trial_id"] == best["trial_id"]
+    check_resumed(run, before)
     assert not live_placement_groups()
-
-
-def killed_driver(args: list[str], run: Path, timeout_s: float = 600.0) -> None:
-    """Run the sweep in a driver process of its own (its own local Ray), SIGKILL it once the first trial
-    has written its package and the second trial has started."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # Tune saves its state at every step of its loop
-    log = open(run.parent / "killed_driver.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args, "cluster.num_cpus=2"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout_s
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            trials = list(run.glob("trial_*"))
-            if len(trials) == 2 and any((t / "model" / "model.safetensors").is_file() for t in trials):
-                time.sleep(3.0)
-                break
-            time.sleep(1.0)
-        assert proc.poll() is None, f"the sweep ended before it could be killed; see {log.name}"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
