@@ -14,7 +14,8 @@ How `DecodingConfig` maps onto `ctranslate2.Translator.translate_batch`
 (what cannot be honoured is refused in one line, never silently changed):
 
     strategy greedy      beam_size=1, sampling_topk=1
-    strategy beam        beam_size, length_penalty, num_hypotheses=beam_size (re-ranked, cut to n_best)
+    strategy beam        beam_size, length_penalty, num_hypotheses=beam_size (re-ranked, cut to n_best),
+                         patience 1 with early_stopping (see Beam stopping)
     strategy sample      refused: CTranslate2 seeds its sampler once per worker thread, so
                          `seed` could not make draws reproducible per source and independent of
                          batching (DESIGN.md); sample with the torch engine
@@ -44,7 +45,9 @@ top beam has finished and beam_size hypotheses are collected: exact for the
 best hypothesis, as ours.  With a length penalty its own rule (stop after
 beam_size * patience finished hypotheses, as fairseq) is not exact, so the
 engine sets patience = max_len: the search then only ends at the length limit
-(slower than ours, which stops as soon as no live beam can win).
+(slower than ours, which stops as soon as no live beam can win).  With
+`early_stopping` both engines use that rule (patience 1 here, the same count
+in ours), so they stop at the same step, and fast.
 
 What can still differ from the torch engine (documented, not hidden):
 * At step L - 1, CTranslate2 finishes its k best candidates, while ours
@@ -260,7 +263,8 @@ def translate_options(cfg: DecodingConfig, vocab: list[str]) -> dict:
             raise ValueError(f"decoding.min_len: {cfg.min_len} with beam search on CTranslate2 ranks hypotheses by "
                              "log-probs renormalised without eos (not ours); use min_len<=1 or engine=torch")
         return dict(options, beam_size=cfg.beam_size, num_hypotheses=cfg.beam_size,
-                    length_penalty=cfg.length_penalty, patience=float(cfg.max_len) if cfg.length_penalty else 1.0)
+                    length_penalty=cfg.length_penalty,
+                    patience=float(cfg.max_len) if cfg.length_penalty and not cfg.early_stopping else 1.0)
     raise ValueError("decoding.strategy: sample cannot keep its promise on CTranslate2 (its sampler is seeded once per "
                      "thread, so decoding.seed would not make draws reproducible per source or independent of "
                      "batching); sample with engine=torch")

@@ -158,6 +158,28 @@ def test_beam_stops_exactly_when_no_live_hypothesis_can_outrank(length_penalty, 
     assert hyps[0].score == pytest.approx(float(model_scores(model, [4], [best])[0]), abs=1e-6)
 
 
+# eos first (-0.69); 4 (-1.20) then leads to 5 5 5 eos with p ~1, a long hypothesis that length_penalty 1 ranks
+# higher (-2.28 / 5 = -0.46); at step 2, [4, eos] (-1.71) is the second hypothesis to finish
+LONG = {(): {EOS_ID: 0.5, 4: 0.3, 3: 0.15}, (4,): {EOS_ID: 0.6, 5: 0.35}, (4, 5): {5: 0.99}, (4, 5, 5): {5: 0.99},
+        (4, 5, 5, 5): {EOS_ID: 0.99}}
+
+
+@pytest.mark.parametrize("length_penalty, early_stopping, steps, best", [
+    (1.0, False, 5, [4, 5, 5, 5, EOS_ID]),  # exact: [4, 5] may still reach -2.25 / 10: search on, find the long one
+    (1.0, True, 2, [EOS_ID]),  # beam_size = 2 hypotheses have finished at step 2: stop (fairseq, CTranslate2)
+    (0.0, True, 1, [EOS_ID]),  # no length penalty: the exact stop already comes first, the flag changes nothing
+    (0.0, False, 1, [EOS_ID]),
+])
+def test_early_stopping_stops_when_beam_size_hypotheses_have_finished(length_penalty, early_stopping, steps, best):
+    model = ScriptedModel(LONG)
+    cfg = DecodingConfig(strategy="beam", beam_size=2, max_len=10, length_penalty=length_penalty,
+                         early_stopping=early_stopping)
+    hyps = decode(model, *batch([[4]]), cfg)[0]
+    assert model.steps == steps
+    assert hyps[0].tokens == best
+    assert hyps[0].score == pytest.approx(float(model_scores(model, [4], [best])[0]), abs=1e-6)
+
+
 # --- scores, ordering, constraints -------------------------------------------------
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_CFGS))

@@ -85,6 +85,22 @@ def test_beam_with_length_penalty_best_equal(engines):
     assert [got[i][0].tokens for i in early] == [expected[i][0].tokens for i in early]
 
 
+def test_beam_with_length_penalty_and_early_stopping_equals_ours(engines):
+    """length_penalty 1 with decoding.early_stopping: both engines stop a source once beam_size hypotheses
+    have finished (CTranslate2 with patience 1), at the same step, so the best hypotheses are the same --
+    wherever they end before the limit (see trainers/engines.py for the last step)."""
+    ours, ct2, _ = engines
+    rows = sources(16, seed=3)
+    cfg = DecodingConfig(strategy="beam", beam_size=5, max_len=30, length_penalty=1.0, early_stopping=True)
+    assert translate_options(cfg, ct2.vocab)["patience"] == 1.0
+    expected, got = ours.decode(rows, cfg), ct2.decode(rows, cfg)
+    early = [i for i, hs in enumerate(expected) if len(hs[0].tokens) < cfg.max_len]
+    assert len(early) >= 8
+    assert [got[i][0].tokens for i in early] == [expected[i][0].tokens for i in early]
+    for i in early:
+        assert got[i][0].score == pytest.approx(expected[i][0].score, abs=1e-4)
+
+
 def test_what_ctranslate2_cannot_promise_is_refused_in_one_line(engines):
     """Seeded, batch-independent sampling and beam search with min_len > 1 (eos masked before
     CTranslate2's softmax) cannot match ours: refused, never silently changed."""

@@ -111,8 +111,8 @@ class EosAtLimit:
         return forced
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_beam_hypotheses_equal(exported, length_penalty):
+@pytest.mark.parametrize("length_penalty, early_stopping", [(0.0, False), (1.0, False), (1.0, True)])
+def test_beam_hypotheses_equal(exported, length_penalty, early_stopping):
     """Beam 4, n_best 4: HF returns our 4 hypotheses, in our order, with our normalized scores.
 
     Settings where both searches are exact:
@@ -125,6 +125,8 @@ def test_beam_hypotheses_equal(exported, length_penalty):
       hypothesis beats the best running score / L ** lp, L = max_length for
       lp > 0, else the current length -- for lp >= 0 the same exact bound as our
       stopping rule, which with n_best = k = num_beams stops at the same step.
+      With our early_stopping, HF runs with early_stopping=True: both stop once
+      k hypotheses have finished.
     * At the length limit both allow only eos, but HF's forced_eos_token_id
       renormalises (eos log-prob 0) while ours adds the model's eos log-prob;
       so HF runs here with forced eos replaced by `EosAtLimit`, which keeps
@@ -135,13 +137,15 @@ def test_beam_hypotheses_equal(exported, length_penalty):
     """
     ours, hf, _ = exported
     rows = sources(16, seed=3)
-    cfg = DecodingConfig(strategy="beam", beam_size=4, n_best=4, max_len=8, length_penalty=length_penalty)
+    cfg = DecodingConfig(strategy="beam", beam_size=4, n_best=4, max_len=8, length_penalty=length_penalty,
+                         early_stopping=early_stopping)
     hyps = decode(ours, *padded(rows), cfg)
     assert any(len(hs[0].tokens) < cfg.max_len for hs in hyps)  # and so is an early eos
     src, _ = padded(rows)
     with torch.no_grad():
         out = hf.generate(input_ids=src, attention_mask=src != 0, max_new_tokens=cfg.max_len, num_beams=4,
-                          num_return_sequences=4, length_penalty=length_penalty, early_stopping="never",
+                          num_return_sequences=4, length_penalty=length_penalty,
+                          early_stopping=True if early_stopping else "never",
                           do_sample=False, output_scores=True, return_dict_in_generate=True,
                           forced_eos_token_id=None,
                           logits_processor=transformers.LogitsProcessorList([EosAtLimit(cfg.max_len)]))

@@ -28,6 +28,14 @@ its n_best-th finished normalized score >= the largest bound of its live rows
 rule or HF's `early_stopping`, no hypothesis the beam could still reach is cut
 off, so with a beam wide enough to hold every candidate this is exhaustive
 search.
+
+Early stopping (`early_stopping=True`, with a length penalty only).  A source
+also stops once beam_size hypotheses have finished (counted as they finish,
+whether or not they stay in the n_best list): fairseq's rule, which
+CTranslate2 applies with patience 1 and HF with `early_stopping=True`.  The
+n_best list it returns is the best of those finished so far.  Without a length
+penalty the exact stop comes as early as the best hypothesis allows, and the
+flag changes nothing (CTranslate2 also stops exactly there).
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class BeamSearch(DecodeStrategy):
         self.fin_len = torch.zeros(n, nb, dtype=torch.long, device=device)  # (n, nb)
         self.fin_seqs = torch.full((n, nb, t_max), PAD_ID, dtype=torch.long, device=device)  # (n, nb, T)
         self.fin_lps = torch.zeros(n, nb, t_max, device=device)  # (n, nb, T)
+        self.fin_count = torch.zeros(n, dtype=torch.long, device=device)  # (n,) hypotheses finished so far
 
     def advance(self, logp: torch.Tensor) -> None:
         n, k, t = self.seqs.shape
@@ -66,6 +75,7 @@ class BeamSearch(DecodeStrategy):
         ranked = min(self.cfg.beam_size, top.size(1))  # k of the next step
 
         finished = (token[:, :ranked] == EOS_ID) & (top[:, :ranked] > NEG_INF)  # (n, ranked)
+        self.fin_count += finished.sum(dim=1)
         if bool(finished.any()):
             self.add_finished(finished, top[:, :ranked], origin[:, :ranked], logp.gather(1, flat[:, :ranked]))
         pick = self.first_non_eos(token, ranked)  # (n, k')
@@ -77,7 +87,7 @@ class BeamSearch(DecodeStrategy):
         keep = self.retire(self.finished_sources().cpu())
         if keep is not None:
             keep = keep.to(self.device)
-            for name in ("seqs", "lps", "scores", "fin_norm", "fin_len", "fin_seqs", "fin_lps"):
+            for name in ("seqs", "lps", "scores", "fin_norm", "fin_len", "fin_seqs", "fin_lps", "fin_count"):
                 setattr(self, name, getattr(self, name)[keep])
             rows, token = rows[keep], token[keep]
         self.k, self.select_indices, self.next_tokens = ranked, rows, token.reshape(-1)
@@ -123,14 +133,18 @@ class BeamSearch(DecodeStrategy):
         self.fin_lps = torch.cat([self.fin_lps, lps], 1).gather(1, best[:, :, None].expand(n, -1, T))
 
     def finished_sources(self) -> torch.Tensor:
-        """(n,) bool: no live row can outrank the n_best-th finished hypothesis (see the module docstring)."""
+        """(n,) bool: no live row can outrank the n_best-th finished hypothesis, or (early stopping with a
+        length penalty) beam_size hypotheses have finished (see the module docstring)."""
         lp = self.cfg.length_penalty
         max_lens = self.max_lens.to(self.device, torch.float32)  # (n,)
         shortest = torch.full_like(max_lens, float(max(self.t + 1, self.cfg.min_len)))  # (n,)
         live_best = self.scores.max(dim=1).values  # (n,) the bound is monotone in s, so the best row decides
         bound = torch.maximum(live_best / shortest ** lp, live_best / max_lens ** lp)  # (n,)
         bound = bound.masked_fill(max_lens <= self.t, NEG_INF)  # at the length limit nothing is live
-        return self.fin_norm[:, -1] >= bound
+        done = self.fin_norm[:, -1] >= bound
+        if self.cfg.early_stopping and lp != 0:
+            done |= self.fin_count >= self.cfg.beam_size
+        return done
 
     def finished_hypotheses(self, groups: torch.Tensor) -> list[list[Hypothesis]]:
         groups = groups.to(self.device)

@@ -27,6 +27,11 @@ class DecodingConfig:
     """Fewest generated tokens per hypothesis, eos included: eos is forbidden before that."""
     length_penalty: float = 0.0
     """Ranking score = score / len(tokens) ** length_penalty (fairseq / HF); 0 ranks by the raw log-probability."""
+    early_stopping: bool = False
+    """Beam search with a length penalty: stop a source once beam_size hypotheses have finished (fairseq's
+    rule, CTranslate2's patience 1, HF's early_stopping=True) instead of searching until no live hypothesis
+    can outrank the n_best-th finished one. Faster; it may miss a longer hypothesis that ranks higher.
+    Without a length penalty the exact stop is already early, and this changes nothing."""
     no_repeat_ngram_size: int = 0
     """Never generate an n-gram of this size twice in one hypothesis (0 = off)."""
     temperature: float = 1.0
@@ -50,6 +55,8 @@ class DecodingConfig:
                f"must be in [0, decoding.max_len={self.max_len}], got {self.min_len}")
         _check(self.max_len_a is None or self.max_len_a >= 0, "max_len_a", f"must be >= 0, got {self.max_len_a}")
         _check(math.isfinite(self.length_penalty), "length_penalty", f"must be finite, got {self.length_penalty}")
+        _check(isinstance(self.early_stopping, bool), "early_stopping",
+               f"must be true or false, got {self.early_stopping!r}")
         _check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
                f"must be >= 0, got {self.no_repeat_ngram_size}")
         _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature",
