@@ -118,7 +118,9 @@ def load_engine(package: str | Path, *, engine: str = "torch", compute_type: str
     """The engine for a model package: the packaged model in PyTorch, or its CTranslate2
     conversion for `compute_type` (converted once and cached, see `ct2_model_for`).
 
-    threads: CPU threads of one decode call (0 = the library's default).
+    threads: CPU threads of one decode call; 0 = as many as torch uses in this process
+    (`torch.get_num_threads()`, which follows OMP_NUM_THREADS and Ray's CPU allotment), so that
+    both engines get the same budget (CTranslate2's own default is 4, more than a 2-core machine has).
     Raises ValueError naming `<key>.engine` / `<key>.compute_type` for a bad setting,
     and `model.arch` for an LSTM/GRU package with engine=ctranslate2.
     """
@@ -191,7 +193,7 @@ class CTranslate2Engine:
         self.ids = {tok: i for i, tok in enumerate(self.vocab)}
         self.max_positions = config["max_positions"]
         self.translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type,
-                                                 intra_threads=threads)
+                                                 intra_threads=threads or torch.get_num_threads())
 
     def check(self, cfg: DecodingConfig) -> None:
         translate_options(cfg, self.vocab)
