@@ -128,10 +128,25 @@ def check_resumable(job: JobConfig, folder: RunFolder, *, resume: bool) -> None:
     tune_dir = tune_path(job, folder)
     if resume and not tune.Tuner.can_restore(tune_dir):
         raise ConfigError(f"resume: {tune_dir} holds no sweep to resume (start it without resume=true)")
+    if resume:
+        check_tune_state(tune_dir)
     root = as_path(folder.location)
     if not resume and ((root / RESULTS).exists() or (root / TUNE_DIR).exists()):
         raise ConfigError(f"run.dir: {folder.location} already holds a sweep; pass resume=true to continue it or "
                           "choose another run.dir")
+
+
+def check_tune_state(tune_dir: str) -> None:
+    """Tune restores from its newest `experiment_state-*.json`; when that file cannot be read, Tune logs the
+    error and starts the sweep again from nothing. Refuse that in one line instead, naming the file."""
+    states = sorted(as_path(tune_dir).glob("experiment_state-*.json"), key=lambda p: p.name)
+    if not states:
+        return
+    try:
+        json.loads(states[-1].read_text())
+    except ValueError:
+        raise ConfigError(f"resume: {states[-1]} is empty or torn (its driver died while writing it), so Tune "
+                          "cannot continue this sweep; start it again in another run.dir") from None
 
 
 def sweep_name(job: JobConfig, folder: RunFolder) -> str:

@@ -36,10 +36,16 @@ def finished_trials(run: str | Path) -> list:
     return [d for d in as_path(run).glob("trial_*") if (d / "model" / "model.safetensors").is_file()]
 
 
-def killed_driver(args: list[str], run: str | Path, log: Path, timeout_s: float = 600.0) -> None:
+def killed_driver(args: list[str], run: str | Path, log: Path, timeout_s: float = 600.0, *,
+                  checkpoint_s: float = 0, settle_s: float = 3.0) -> None:
     """Run the sweep in a driver process of its own (its own local Ray, this process's environment),
-    SIGKILL it once the first trial has written its package and the second trial has started."""
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # Tune saves its state at every step of its loop
+    SIGKILL it `settle_s` after the first trial has written its package and the second trial has started.
+
+    Tune saves its state every `checkpoint_s` (0: at every step of its loop). In a bucket each save is an
+    upload: once in CI the newest state object on the local S3 server was empty after the kill (most
+    likely an upload cut by it; the resume now refuses such a state in one line). So the bucket test
+    saves every few seconds, which makes a cut upload rare, and waits for saves after trial one ended."""
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": str(checkpoint_s)}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args, "cluster.num_cpus=2"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -47,7 +53,7 @@ def killed_driver(args: list[str], run: str | Path, log: Path, timeout_s: float 
         try:
             while time.time() < deadline and proc.poll() is None:
                 if len(list(as_path(run).glob("trial_*"))) == 2 and finished_trials(run):
-                    time.sleep(3.0)
+                    time.sleep(settle_s)
                     break
                 time.sleep(1.0)
             assert proc.poll() is None, f"the sweep ended before it could be killed; see {log}"

@@ -351,7 +351,7 @@ def test_an_optuna_sweep_in_s3_killed_after_its_first_trial_resumes_from_the_buc
     bucket, does not run trial one again and ranks both on BLEU."""
     run = f"{s3_bucket}/sweeps/killed"
     args = sweep_args(f"{s3_pipeline}/data", f"{s3_pipeline}/pretrain/model", run, *OPTUNA_BLEU)
-    killed_driver(args, run, log=tmp_path / "killed_driver.log")
+    killed_driver(args, run, log=tmp_path / "killed_driver.log", checkpoint_s=2, settle_s=8.0)
     before = first_trial_record(run)
     assert not list(Path.cwd().glob("s3:*"))  # no URL was taken for a local path
 

@@ -85,3 +85,18 @@ def sampled_with(sweep) -> list[dict]:
 def test_bleu_and_chrf_are_maximised_by_default():
     for metric, mode in (("val_bleu", "max"), ("val_chrf", "max"), ("val_loss", "min")):
         assert to_typed(compose_config(["sweep=tiny", f"sweep.metric={metric}"])).sweep.mode == mode
+
+
+def test_a_torn_tune_state_is_refused_in_one_line_instead_of_a_silent_restart(tmp_path):
+    """Tune restores from its newest experiment_state-*.json and, when that file cannot be read, starts the
+    sweep again from nothing; the resume refuses it first, naming the file."""
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep.command import check_tune_state
+
+    check_tune_state(str(tmp_path))  # no state yet: Tune's own check (can_restore) speaks
+    (tmp_path / "experiment_state-2026-12-03_16-00-00.json").write_text('{"runner_data": {}}')
+    check_tune_state(str(tmp_path))
+    torn = tmp_path / "experiment_state-2026-12-03_17-00-00.json"
+    torn.write_text("")
+    with pytest.raises(ConfigError, match=rf"^resume: {torn} is empty or torn"):
+        check_tune_state(str(tmp_path))
