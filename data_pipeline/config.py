@@ -124,6 +124,10 @@ class DataConfig:
     prepare_tasks: int = 0
     """Ray tasks in flight per prepare stage (read, de-duplicate, tokenize, write); 0 = two per cluster CPU.
     The output does not depend on it."""
+    part_bytes: int = 64 << 20
+    """Plain (uncompressed) `lines` and `tsv` files larger than this are read as parts of about this size,
+    a task each, cut after a multiple of `doc_lines` lines (not with `max_documents`); 0 = a task a file.
+    The output does not depend on it."""
 
     # --- streaming -----------------------------------------------------------
     split: str = "train"
@@ -153,7 +157,7 @@ class DataConfig:
         _check(bool(self.dir), "dir", "must name a folder")
         _check(self.task in TASKS, "task", f"must be one of {TASKS}, got {self.task!r}")
         self._check_format()
-        for key in ("max_documents", "prepare_tasks"):
+        for key in ("max_documents", "prepare_tasks", "part_bytes"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _check(0.0 <= self.min_alpha <= 1.0, "min_alpha", f"must be in [0, 1], got {self.min_alpha}")
         for key in ("min_words", "max_words", "shard_samples", "doc_lines", "tokenizer_sample_bytes"):

@@ -36,6 +36,7 @@ _NO_SPACE_SCRIPTS = (
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
 _CODE_STARTS = (">>>", "...", "$ ", "def ", "class ")
+_ASCII_NOT_LETTERS = bytes(c for c in range(128) if not chr(c).isalpha())
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def no_space_char(c: str) -> bool:
 
 def text_units(text: str) -> int:
     """Length in words, each character of a script written without spaces counting as one word."""
-    if not _NO_SPACE_RE.search(text):
+    if text.isascii() or not _NO_SPACE_RE.search(text):  # isascii is O(1): CPython records it
         return len(text.split())
     return len(_UNIT.findall(text))
 
@@ -72,6 +73,8 @@ def alpha_share(text: str, enough: float = 1.0) -> float:
     visible = len(text) - sum(map(text.count, " \t\n\r\f\v"))
     if not visible:
         return 0.0
+    if text.isascii():  # letters are A-Z, a-z: count them in C
+        return len(text.encode("ascii").translate(None, _ASCII_NOT_LETTERS)) / visible
     letters = len(_NOT_LETTER.sub("", text))  # str.isalpha's letters, fast
     if letters >= enough * visible:
         return letters / visible
@@ -86,22 +89,26 @@ def looks_like_code(block: str) -> bool:
 
 def rejected_by(block: str, f: TextFilter) -> str | None:
     """The first filter that drops `block` (raw text, before whitespace is normalized), or None."""
+    return _judged(block, f)[0]
+
+
+def _judged(block: str, f: TextFilter) -> tuple[str | None, str, int]:
+    """(the first filter that drops `block` or None, its normalized text, its units: -1 if not counted)."""
     text = " ".join(block.split())
     if not text:
-        return "empty"
+        return "empty", text, -1
     if f.drop_code and looks_like_code(block):
-        return "drop_code"
+        return "drop_code", text, -1
     if f.min_alpha and alpha_share(text, f.min_alpha) < f.min_alpha:
-        return "min_alpha"
-    if text_units(text) < f.min_words:
-        return "min_words"
-    return None
+        return "min_alpha", text, -1
+    units = text_units(text)
+    return ("min_words" if units < f.min_words else None), text, units
 
 
-def cut(text: str, max_units: int) -> list[str]:
+def cut(text: str, max_units: int, units: int = -1) -> list[str]:
     """`text` cut at sentence ends into pieces of at most `max_units` units (a long sentence truncated);
-    sentences joined into one piece keep the spacing they had."""
-    if text_units(text) <= max_units:
+    sentences joined into one piece keep the spacing they had. `units`: text_units(text), if known."""
+    if (units if units >= 0 else text_units(text)) <= max_units:
         return [text]
     bounds = [0, *(m.end() for m in _SENTENCE_END.finditer(text) if 0 < m.end() < len(text)), len(text)]
     pieces: list[tuple[int, int]] = []  # (start, end) in `text`
@@ -124,8 +131,15 @@ def _truncate(text: str, max_units: int) -> str:
 
 def filter_text(block: str, f: TextFilter, drops: Counter) -> list[str]:
     """The pieces of `block` that pass `f`; the reason of a drop is counted in `drops`."""
-    reason = rejected_by(block, f)
+    return split_text(block, f, drops)[0]
+
+
+def split_text(block: str, f: TextFilter, drops: Counter) -> tuple[list[str], bool]:
+    """`filter_text`, and whether the block was kept whole (one piece: its whitespace-normalized text)."""
+    reason, text, units = _judged(block, f)
     if reason:
         drops[reason] += 1
-        return []
-    return cut(" ".join(block.split()), f.max_words)
+        return [], False
+    if units <= f.max_words:
+        return [text], True
+    return cut(text, f.max_words, units), False

@@ -25,12 +25,13 @@ import io
 import json
 import lzma
 import os
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import IO, Iterator, NamedTuple
+from typing import IO, Iterator, NamedTuple, Sequence
 
-from .filters import TextFilter, filter_text
+from .filters import TextFilter, cut, split_text
 from .sources import restore_source
 from .storage import as_path, is_remote
 
@@ -66,6 +67,12 @@ class SourceFile:
     format: str
     target: str | None = None
     """`parallel`: the line-aligned target file."""
+    start: int = 0
+    """A part of a big file (`parts`): its first byte, ..."""
+    end: int = -1
+    """... the byte after its last (-1: the file's end) ..."""
+    first_line: int = 0
+    """... and the file's line number at `start`."""
 
 
 @dataclass(frozen=True)
@@ -189,8 +196,34 @@ def open_binary(path: str) -> IO[bytes]:
     return raw
 
 
-def open_text(path: str) -> IO[str]:
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors="replace")
+def open_text(path: str, start: int = 0, end: int = -1) -> IO[str]:
+    """`path` as text; bytes [start, end) of it (a part, `parts`: an uncompressed file starting at a line)."""
+    raw = open_binary(path)
+    if start or end >= 0:
+        raw.seek(start)
+        raw = io.BufferedReader(_Window(raw, end - start), buffer_size=1 << 20) if end >= 0 else raw
+    return io.TextIOWrapper(raw, encoding="utf-8" if start else "utf-8-sig", errors="replace")
+
+
+class _Window(io.RawIOBase):
+    """At most `size` bytes of `raw` from its current position."""
+
+    def __init__(self, raw: IO[bytes], size: int):
+        self.raw, self.left = raw, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.left <= 0:
+            return 0
+        n = self.raw.readinto(memoryview(b)[:min(len(b), self.left)]) or 0
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 # --- readers: file → Items -------------------------------------------------------------------
@@ -219,8 +252,8 @@ def _text_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
 
 
 def _line_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
-    with open_text(src.path) as f:
-        for i, line in enumerate(f):
+    with open_text(src.path, src.start, src.end) as f:
+        for i, line in enumerate(f, start=src.first_line):
             yield Item(str(i // spec.doc_lines), None, line.rstrip("\n"))
 
 
@@ -259,8 +292,8 @@ def _str(value) -> str:
 
 def _tsv_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
     """Tab-separated source and target columns (no quoting); monolingual tasks read the target column."""
-    with open_text(src.path) as f:
-        for i, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
+    with open_text(src.path, src.start, src.end) as f:
+        for i, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=src.first_line):
             if not any(c.strip() for c in cols):
                 continue
             if spec.task == "pairs" and len(cols) < 2:
@@ -329,34 +362,58 @@ def split_of(doc: str, valid_fraction: float, test_fraction: float) -> str:
     return "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
 
 
-def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1) -> Iterator[Record]:
+WHOLE = 1
+"""`records`' verdict for an item kept as one piece; 0 = dropped, k >= 2 = cut into k - 1 pieces."""
+
+
+def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1, verdicts: array | None = None,
+            known: Sequence[int] | None = None) -> Iterator[Record]:
     """The samples of one file after the filters (drops counted by filter); at most `max_docs` documents
-    (in order of first appearance) when >= 0."""
+    (in order of first appearance) when >= 0.
+
+    `verdicts` (an `array`) gets one entry per item read: 0 dropped, `WHOLE`, or 1 + its pieces. Given those
+    of an earlier pass as `known`, the same records come back without running the filters again."""
     pos = 0
     docs: dict[str, str] = {}  # document key → split
-    for item in read_items(src, spec):
+    for i, item in enumerate(read_items(src, spec)):
         doc = f"{src.name}:{item.group}" if item.group else src.name
         if doc not in docs:
             if len(docs) == max_docs:
+                if verdicts is not None:
+                    verdicts.append(0)
                 continue
             docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
         drops["read"] += 1
-        for s, t in _samples(item, spec, drops):
+        verdict, samples = _samples(item, spec, drops, -1 if known is None else known[i])
+        if verdicts is not None:
+            verdicts.append(verdict)
+        for s, t in samples:
             yield Record(pos, doc, docs[doc], s, t)
             pos += 1
 
 
-def _samples(item: Item, spec: ReadSpec, drops: Counter) -> list[tuple[str | None, str]]:
+def _samples(item: Item, spec: ReadSpec, drops: Counter, verdict: int = -1) -> tuple[int, list[tuple[str | None, str]]]:
+    """(the item's verdict, its samples); a `verdict` >= 0 from an earlier pass skips the filters."""
     if spec.task == "pairs":
         s, t = " ".join(item.src.split()), " ".join(item.text.split())
         if not (s and t):
             drops["empty"] += 1
-            return []
-        return [(s, t)]
-    pieces = filter_text(item.text, spec.text_filter, drops)
+            return 0, []
+        return WHOLE, [(s, t)]
+    verdict, pieces = _pieces(item.text, spec.text_filter, drops, verdict)
     if spec.task != "restore":
-        return [(None, p) for p in pieces]
+        return verdict, [(None, p) for p in pieces]
     pairs = [(restore_source(p), p) for p in pieces]
     if not all(s for s, _ in pairs):
         drops["empty"] += sum(not s for s, _ in pairs)
-    return [(s, p) for s, p in pairs if s]
+    return verdict, [(s, p) for s, p in pairs if s]
+
+
+def _pieces(block: str, f: TextFilter, drops: Counter, verdict: int) -> tuple[int, list[str]]:
+    if verdict < 0:
+        pieces, whole = split_text(block, f, drops)
+        return (WHOLE if whole else 1 + len(pieces)) if pieces else 0, pieces
+    if verdict == 0:
+        return 0, []
+    text = " ".join(block.split())
+    return verdict, [text] if verdict == WHOLE else cut(text, f.max_words)

@@ -278,7 +278,7 @@ def run_files(plan: Plan, staging: Path, *, progress: bool, use_ray: bool) -> Ma
     result = run_corpus(plan.files, spec, runner=Runner(use_ray, cfg.prepare_tasks), out=staging / SHARDS_DIR,
                         max_documents=cfg.max_documents, dedup=cfg.dedup, shard_samples=cfg.shard_samples,
                         sample_bytes=0 if given else cfg.tokenizer_sample_bytes, tokenizer=tokenizer,
-                        encoding=encoding, progress=progress)
+                        encoding=encoding, progress=progress, part_bytes=cfg.part_bytes)
     tok = Tokenizer.from_str(result.tok_json)
     if not given:
         _warn_vocab(cfg, tok)

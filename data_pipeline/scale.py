@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from array import array
+import os
 import sys
 import warnings
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 from .chunks import token_chunks
 from .filters import FILTERS
 from .formats import ReadSpec, Record, SourceFile, records
+from .parts import parts_of, splittable
 from .shards import END_OF_ARCHIVE, WrittenShard, sha256_file, tar_sample
 from .sources import SPLITS
 
@@ -154,12 +156,15 @@ class BottomK:
 
 
 def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int):
-    """Stage `scan` (3 returns): ScanSummary, the (hash, position, split) array, the tokenizer sample."""
+    """Stage `scan` (4 returns): ScanSummary, the (hash, position, split) array, the tokenizer sample, and the
+    filters' verdict on every item read (`formats.records`; 4 bytes an item), so that `encode` need not
+    run the filters again."""
     drops: Counter = Counter()
+    verdicts = array("I")
     samples, docs = [0, 0, 0], [set(), set(), set()]
     sample = BottomK(sample_bytes)
     cols = [array("Q"), array("Q"), array("Q"), array("B")]  # hi, lo, pos, split: 25 bytes a sample
-    for rec in records(src, spec, drops, max_docs=max_docs):
+    for rec in records(src, spec, drops, max_docs=max_docs, verdicts=verdicts):
         s = SPLITS.index(rec.split)
         samples[s] += 1
         docs[s].add(rec.doc)
@@ -173,19 +178,23 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int)
     table = np.zeros(len(cols[0]), HASH_DTYPE)
     for name, col in zip(HASH_DTYPE.names, cols):
         table[name] = np.frombuffer(col, dtype=table.dtype[name]) if len(col) else 0
-    return summary, table, sample.items()
+    return summary, table, sample.items(), np.frombuffer(verdicts, dtype=np.uint32)
 
 
 # --- dedup ------------------------------------------------------------------------------------------
 
 
-def dedup_partition(part: int, parts: int, *hashes: np.ndarray) -> tuple[np.ndarray, list[int]]:
+def dedup_partition(part: int, parts: int, origins: np.ndarray, *hashes: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Stage `dedup`: the (file, position) of every duplicate of partition `part`, sorted, and their count
-    per split. The first occurrence (lowest file, then position) of a hash is kept."""
+    per split. The first occurrence (lowest file, then position) of a hash is kept. `hashes[i]` is the table
+    of part i, whose (file, first position) is `origins[i]`."""
     chunks = []
-    for i, arr in enumerate(hashes):
+    for (owner, first), arr in zip(origins.tolist(), hashes):
         sel = arr[arr["lo"] % parts == part]
-        chunks.append((sel, np.full(len(sel), i, dtype="<u4")))
+        if first:
+            sel = sel.copy()
+            sel["pos"] += np.uint64(first)
+        chunks.append((sel, np.full(len(sel), owner, dtype="<u4")))
     if not chunks or not sum(len(c[0]) for c in chunks):
         return np.zeros(0, DROP_DTYPE), [0, 0, 0]
     entries = np.concatenate([c[0] for c in chunks])
@@ -264,16 +273,21 @@ class Piece:
         return len(self.tokens)
 
 
-def encode_file(index: int, src: SourceFile, spec: ReadSpec, max_docs: int, enc: EncodeSpec,
-                *drop_arrays: np.ndarray) -> Iterator:
-    """Stage `encode` (streaming): for every piece, yields `(split, samples)` then the Piece itself."""
+def encode_file(origin: tuple[int, int], src: SourceFile, spec: ReadSpec, max_docs: int, enc: EncodeSpec,
+                verdicts: np.ndarray, *drop_arrays: np.ndarray) -> Iterator:
+    """Stage `encode` (streaming) of a file or part, `origin` = (file index, position of its first sample):
+    for every piece, yields `(split, samples)` then the Piece itself. The filters are not run again:
+    `verdicts` (from `scan`) say what each item gave."""
     from tokenizers import Tokenizer
 
+    _one_thread_in_a_task()
     tok = Tokenizer.from_str(enc.tok_json)
+    index, first = origin
     dropped = dropped_positions(index, drop_arrays)
     open_pieces = {s: Piece(s) for s in SPLITS}
     batch: list[Record] = []
-    for rec in _rows(records(src, spec, Counter(), max_docs=max_docs), dropped, enc.sample_tokens):
+    recs = (r._replace(pos=first + r.pos) for r in records(src, spec, Counter(), max_docs=max_docs, known=verdicts))
+    for rec in _rows(recs, dropped, enc.sample_tokens):
         batch.append(rec)
         if len(batch) >= ENCODE_BATCH:
             yield from _encode_batch(tok, index, batch, enc, open_pieces)
@@ -283,6 +297,14 @@ def encode_file(index: int, src: SourceFile, spec: ReadSpec, max_docs: int, enc:
         if len(piece):
             yield piece.split, len(piece)
             yield piece
+
+
+def _one_thread_in_a_task() -> None:
+    """A Ray task holds one CPU: without this, `tokenizers` would spread each batch over every core of the node
+    (in this process, outside Ray, it may)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _rows(recs: Iterator[Record], dropped: set[int], sample_tokens: int) -> Iterator[Record]:
@@ -404,21 +426,25 @@ def report_filters(read: int, drops: dict[str, int], kept: int) -> dict:
 
 def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: Path, max_documents: int,
                dedup: bool, shard_samples: int, sample_bytes: int, tokenizer: Callable[[Runner, list], str],
-               encoding: Callable[[str], EncodeSpec], progress: bool) -> CorpusResult:
+               encoding: Callable[[str], EncodeSpec], progress: bool, part_bytes: int = 0) -> CorpusResult:
     """Every stage for `files`; `tokenizer(runner, sample_refs)` gives tokenizer.json (trained on the
-    sample, or the given one), `encoding(tok_json)` the encode settings."""
+    sample, or the given one), `encoding(tok_json)` the encode settings. Plain line files over `part_bytes`
+    are read as several parts (`parts`; not with `max_documents`)."""
+    owners, files = split_files(files, spec, part_bytes if not max_documents else 0, runner, progress)
     caps = [-1] * len(files)
-    summaries, hashes, samples = scan(files, spec, caps, runner, sample_bytes, progress)
+    summaries, hashes, samples, verdicts = scan(files, spec, caps, runner, sample_bytes, progress)
     if max_documents:
         caps = document_caps([s.documents for s in summaries], max_documents)
-        files, caps, summaries, hashes, samples = rescan(files, spec, caps, summaries, hashes, samples, runner,
-                                                         sample_bytes)
+        owners = [o for o, c in zip(owners, caps) if c != 0]
+        files, caps, summaries, hashes, samples, verdicts = rescan(files, spec, caps, summaries, hashes, samples,
+                                                                   verdicts, runner, sample_bytes)
+    origins = part_origins(owners, summaries)
     read = sum(s.read for s in summaries)
     drops = sum((Counter(s.drops) for s in summaries), Counter())
     kept = [sum(s.samples[i] for s in summaries) for i in range(3)]
     if not sum(kept):
         raise ValueError(f"data.sources: no text left after the filters ({dict(drops) or 'nothing read'})")
-    drop_refs, dups = deduplicate(hashes, sum(kept), runner, progress) if dedup else ([], [0, 0, 0])
+    drop_refs, dups = deduplicate(hashes, origins, sum(kept), runner, progress) if dedup else ([], [0, 0, 0])
     del hashes
     drops["dedup"] = sum(dups)
     filters = report_filters(read, dict(drops), sum(kept) - sum(dups))
@@ -426,22 +452,55 @@ def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: 
     del samples
     enc = encoding(tok_json)
     total = None if enc.sample_tokens else sum(kept) - sum(dups)
-    written = encode_and_write(files, spec, caps, enc, drop_refs, runner, out, total, progress)
+    written = encode_and_write(files, origins, spec, caps, verdicts, enc, drop_refs, runner, out, total, progress)
     documents = {split: sum(s.documents[i] for s in summaries) for i, split in enumerate(SPLITS)}
     return CorpusResult(written, documents, filters, tok_json)
 
 
+def split_files(files: list[SourceFile], spec: ReadSpec, part_bytes: int, runner: Runner,
+                progress: bool) -> tuple[list[int], list[SourceFile]]:
+    """(the file index of each part, the parts): big plain line files cut into parts, a task each."""
+    big = [i for i, f in enumerate(files) if splittable(f, part_bytes)]
+    cut = dict(zip(big, _cut_refs(files, big, spec, part_bytes, runner, progress)))
+    owners, parts = [], []
+    for i, f in enumerate(files):
+        pieces = cut.get(i, [f])
+        owners += [i] * len(pieces)
+        parts += pieces
+    return owners, parts
+
+
+def _cut_refs(files, big: list[int], spec: ReadSpec, part_bytes: int, runner: Runner, progress: bool) -> list:
+    out = []
+    with bar("find parts", len(big), "file", progress and bool(big)) as b:
+        for ref in runner.windowed(parts_of, [(files[i], part_bytes, spec.doc_lines) for i in big]):
+            out.append(runner.get(ref))
+            b.update(1)
+    return out
+
+
+def part_origins(owners: list[int], summaries: list[ScanSummary]) -> np.ndarray:
+    """(file index, position of its first sample in the file) of every part: positions run on across parts."""
+    origins = np.zeros((len(owners), 2), dtype=np.uint64)
+    seen: dict[int, int] = {}
+    for j, (owner, s) in enumerate(zip(owners, summaries)):
+        origins[j] = owner, seen.get(owner, 0)
+        seen[owner] = seen.get(owner, 0) + sum(s.samples)
+    return origins
+
+
 def scan(files, spec, caps, runner: Runner, sample_bytes: int, progress: bool):
-    summaries, hashes, samples = [], [], []
-    with bar("read", len(files), "file", progress) as b:
+    summaries, hashes, samples, verdicts = [], [], [], []
+    with bar("read", len(files), "part", progress) as b:
         for refs in runner.windowed(scan_file, [(f, spec, c, sample_bytes) for f, c in zip(files, caps)],
-                                    num_returns=3):
+                                    num_returns=4):
             summaries.append(runner.get(refs[0]))
             hashes.append(refs[1])
             samples.append(refs[2])
+            verdicts.append(refs[3])
             b.update(1)
             b.set_postfix(samples=sum(sum(s.samples) for s in summaries), refresh=False)
-    return summaries, hashes, samples
+    return summaries, hashes, samples, verdicts
 
 
 def document_caps(documents: list[list[int]], max_documents: int) -> list[int]:
@@ -454,31 +513,33 @@ def document_caps(documents: list[list[int]], max_documents: int) -> list[int]:
     return caps
 
 
-def rescan(files, spec, caps, summaries, hashes, samples, runner: Runner, sample_bytes: int):
+def rescan(files, spec, caps, summaries, hashes, samples, verdicts, runner: Runner, sample_bytes: int):
     """Drop files past `data.max_documents`; scan the file it cuts again with its cap."""
     keep = [i for i, c in enumerate(caps) if c != 0]
     files, caps = [files[i] for i in keep], [caps[i] for i in keep]
-    summaries, hashes, samples = ([lst[i] for i in keep] for lst in (summaries, hashes, samples))
+    summaries, hashes, samples, verdicts = ([lst[i] for i in keep] for lst in (summaries, hashes, samples, verdicts))
     for j, cap in enumerate(caps):
         if cap > 0:
-            refs = runner.submit(scan_file, files[j], spec, cap, sample_bytes, num_returns=3)
-            summaries[j], hashes[j], samples[j] = runner.get(refs[0]), refs[1], refs[2]
-    return files, caps, summaries, hashes, samples
+            refs = runner.submit(scan_file, files[j], spec, cap, sample_bytes, num_returns=4)
+            summaries[j], hashes[j], samples[j], verdicts[j] = runner.get(refs[0]), refs[1], refs[2], refs[3]
+    return files, caps, summaries, hashes, samples, verdicts
 
 
-def deduplicate(hashes: list, entries: int, runner: Runner, progress: bool) -> tuple[list, list[int]]:
+def deduplicate(hashes: list, origins: np.ndarray, entries: int, runner: Runner,
+                progress: bool) -> tuple[list, list[int]]:
     parts = max(runner.tasks, -(-entries // PARTITION_ENTRIES))
     drop_refs, dups = [], [0, 0, 0]
     with bar("de-duplicate", parts, "partition", progress) as b:
-        for refs in runner.windowed(dedup_partition, [(p, parts, *hashes) for p in range(parts)], num_returns=2):
+        jobs = [(p, parts, origins, *hashes) for p in range(parts)]
+        for refs in runner.windowed(dedup_partition, jobs, num_returns=2):
             drop_refs.append(refs[0])
             dups = [a + c for a, c in zip(dups, runner.get(refs[1]))]
             b.update(1)
     return drop_refs, dups
 
 
-def encode_and_write(files, spec, caps, enc: EncodeSpec, drop_refs: list, runner: Runner, out: Path,
-                     total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
+def encode_and_write(files, origins: np.ndarray, spec, caps, verdicts: list, enc: EncodeSpec, drop_refs: list,
+                     runner: Runner, out: Path, total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
     """Encode every file (in file order) and cut each split's pieces into shards as they arrive."""
     cutters = {s: ShardCutter(s, enc.shard_samples, out) for s in SPLITS}
     writes: dict[str, list[tuple[str, Any]]] = {s: [] for s in SPLITS}  # (shard path, result ref)
@@ -486,7 +547,7 @@ def encode_and_write(files, spec, caps, enc: EncodeSpec, drop_refs: list, runner
     def write(split: str, jobs: list[tuple]) -> None:
         writes[split] += [(job[0], runner.submit(write_shard, *job, here=True)) for job in jobs]
 
-    jobs = [(i, f, spec, c, enc, *drop_refs) for i, (f, c) in enumerate(zip(files, caps))]
+    jobs = [(tuple(o), f, spec, c, enc, v, *drop_refs) for o, f, c, v in zip(origins.tolist(), files, caps, verdicts)]
     with bar("tokenize", total, "sample", progress) as tb:
         for gen in runner.windowed(encode_file, jobs, num_returns="streaming"):
             for meta in gen:

@@ -52,20 +52,22 @@ def corpus(tmp_path_factory) -> Path:
 PREPARE = """
 import sys, ray
 from data_pipeline import DataConfig, prepare
-address, corpus, out, tasks = sys.argv[1:]
+address, corpus, out, tasks, part_bytes = sys.argv[1:]
 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 prepare(DataConfig(dir=out, sources=[corpus], format="lines", task="text", vocab_size=400, num_sentinels=4,
-                   shard_samples=50, doc_lines=20, prepare_tasks=int(tasks), tokenizer_sample_bytes=20000),
+                   shard_samples=50, doc_lines=20, prepare_tasks=int(tasks), part_bytes=int(part_bytes),
+                   tokenizer_sample_bytes=20000),
         progress=False)
 """
 
 
 def test_two_task_counts_in_two_processes_give_the_same_bytes(corpus, tmp_path):
+    """One task in flight and each file whole, against 7 tasks and each plain file read as ~3 parts."""
     address = ray.get_runtime_context().gcs_address
-    for n, tasks in enumerate((1, 7)):
+    for n, (tasks, part_bytes) in enumerate(((1, 0), (7, 2000))):
         env = {**os.environ, "PYTHONHASHSEED": str(n + 1)}
-        subprocess.run([sys.executable, "-c", PREPARE, address, str(corpus), str(tmp_path / f"out{n}"), str(tasks)],
-                       check=True, cwd=ROOT, env=env, timeout=300)
+        subprocess.run([sys.executable, "-c", PREPARE, address, str(corpus), str(tmp_path / f"out{n}"), str(tasks),
+                        str(part_bytes)], check=True, cwd=ROOT, env=env, timeout=300)
     a, b = digests(tmp_path / "out0"), digests(tmp_path / "out1")
     assert a == b and len(a) > 6
     local = prepare(DataConfig(dir=str(tmp_path / "local"), sources=[str(corpus)], format="lines", task="text",

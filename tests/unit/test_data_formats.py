@@ -11,6 +11,7 @@ import json
 import lzma
 import random
 import sys
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from data_pipeline import DataConfig, Manifest, ShardStream, detokenize, load_to
 from data_pipeline.config import FieldsConfig
 from data_pipeline.filters import TextFilter, filter_text, text_units
 from data_pipeline.formats import ReadSpec, list_sources, records, split_of
-from data_pipeline.scale import BottomK, Runner, merged_sample, reduce_samples
+from data_pipeline.scale import BottomK, Runner, merged_sample, reduce_samples, split_files
 
 KEEP_ALL = TextFilter(min_words=1, max_words=10_000, min_alpha=0.0, drop_code=False)
 WORDS = "river mountain walks sees birds number quick brown fox lazy dog sun moon".split()
@@ -195,6 +196,25 @@ def test_length_counts_characters_for_scripts_without_spaces():
         == [6, 6]
 
 
+@pytest.mark.parametrize("task, max_docs", [("text", -1), ("restore", -1), ("text", 3), ("pairs", -1)])
+def test_the_encode_pass_replays_the_scan_pass_without_the_filters(tmp_path, task, max_docs):
+    """`encode` reads a file again and trusts `scan`'s verdicts instead of filtering again: it must get the very
+    same records (kept whole, cut at sentence ends, truncated, dropped by each filter, past max_docs)."""
+    rows = [*sentences(30), "Too short.", ">>> code line here and more words", "| 1 | 2 | 3 | 4 | 5 | 6 |",
+            "  spaced   out    words that   stay one sample  ",
+            "一二三四五。六七八九十。一二三四五六七八九十一二三四五",
+            " ".join(["First sentence is long enough here."] * 4), "word " * 40, "", "... and a continuation"]
+    rows = [r.replace("\t", " ") for r in rows]
+    path = tmp_path / ("c.tsv" if task == "pairs" else "c.lines")
+    path.write_text("\n".join((f"{r}\tx {r}" if task == "pairs" else r) for r in rows) + "\n")
+    src = list_sources([str(path)], "auto" if task == "pairs" else "lines")[0]
+    rs = ReadSpec(task=task, doc_lines=4, text_filter=TextFilter(min_words=3, max_words=8))
+    verdicts = array("I")
+    first = list(records(src, rs, Counter(), max_docs=max_docs, verdicts=verdicts))
+    assert len(verdicts) == len(rows) and len(set(verdicts)) >= (2 if task == "pairs" else 3), list(verdicts)
+    assert list(records(src, rs, Counter(), max_docs=max_docs, known=verdicts)) == first
+
+
 def test_filter_counts_reach_the_manifest_and_a_greedy_filter_warns(tmp_path):
     lines = [f"short {'abcdefghij'[i % 10]}{'abcdefghij'[i // 10]}" for i in range(30)] + sentences(20)
     (tmp_path / "c.lines").write_text("\n".join(lines + lines[-5:]) + "\n")
@@ -225,6 +245,65 @@ def test_one_file_splits_three_ways_and_adding_files_moves_nothing(tmp_path):
     for split, samples in a.items():
         assert set(samples) <= set(b[split])  # every old sample stays in its split
     assert split_of("corpus.txt:3", 0.1, 0.1) == split_of("corpus.txt:3", 0.1, 0.1)
+
+
+def awkward_lines(n: int) -> bytes:
+    """Lines ending in \\n, \\r\\n or a lone \\r, blank ones, multi-byte text, a BOM, no final line end."""
+    rng = random.Random(5)
+    ends = [b"\n", b"\r\n", b"\r", b"\n"]
+    body = b"".join((f"{i} " + rng.choice(["", "über straße", "这是中文", "plain words here"])).encode()
+                    + rng.choice(ends) for i in range(n))
+    return b"\xef\xbb\xbf" + body + b"last line without an end"
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 24])
+def test_parts_start_at_the_line_numbers_python_counts(tmp_path, monkeypatch, block):
+    from data_pipeline import parts
+
+    monkeypatch.setattr(parts, "BLOCK", block)  # small blocks: line ends across block edges
+    data = awkward_lines(400)
+    (tmp_path / "c.lines").write_bytes(data)
+    cuts = parts.cut_points(str(tmp_path / "c.lines"), 300, 7)
+    assert len(cuts) > 5
+    last = 0
+    for offset, line in cuts:
+        before = io.TextIOWrapper(io.BytesIO(data[:offset]), encoding="utf-8-sig", newline=None).read()
+        assert before.endswith("\n") and before.count("\n") == line, (offset, line)
+        assert line % 7 == 0 and offset - last >= 300
+        last = offset
+
+
+@pytest.mark.parametrize("fmt", ["lines", "tsv"])
+def test_a_file_read_in_parts_gives_the_records_of_the_whole_file(tmp_path, fmt):
+    from data_pipeline.parts import parts_of, splittable
+
+    data = awkward_lines(500)
+    if fmt == "tsv":
+        data = data.replace(b" ", b"\t")
+    path = tmp_path / f"c.{fmt}"
+    path.write_bytes(data)
+    whole = list_sources([str(path)], fmt)[0]
+    rs = ReadSpec(task="pairs" if fmt == "tsv" else "text", doc_lines=10, text_filter=KEEP_ALL)
+    assert splittable(whole, 1000) and not splittable(whole, len(data))
+    pieces = parts_of(whole, 1000, 10)
+    assert len(pieces) > 3 and pieces[-1].end == -1
+    got = [(r.doc, r.split, r.src, r.tgt) for p in pieces for r in records(p, rs, Counter())]
+    assert got == [(r.doc, r.split, r.src, r.tgt) for r in records(whole, rs, Counter())]
+    assert not splittable(list_sources([str(path)], "jsonl")[0], 1000)
+
+
+def test_a_big_file_prepares_to_the_same_bytes_in_parts(tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n".join(sentences(900) + sentences(50)) + "\n")  # duplicates too
+    files = list_sources([str(tmp_path / "corpus.txt")], "lines")
+    owners, parts = split_files(files, ReadSpec(task="text", doc_lines=5), 3000, Runner(False), progress=False)
+    assert len(parts) > 10 and set(owners) == {0}
+    digests = []
+    for n, part_bytes in enumerate((0, 3000)):
+        m = prepare(cfg(tmp_path, dir=str(tmp_path / f"out{n}"), sources=[str(tmp_path / "corpus.txt")],
+                        format="lines", task="text", part_bytes=part_bytes), progress=False, use_ray=False)
+        digests.append({p.name: p.read_bytes() for p in sorted(m.folder.rglob("*")) if p.is_file()})
+        assert m.data["filters"]["dropped"]["dedup"] == 50
+    assert digests[0] == digests[1]
 
 
 # --- tokenizers -----------------------------------------------------------------------------------------
