@@ -71,6 +71,7 @@ def test_experiment_tiny_shrinks_any_model(capsys):
     ("model.d_model=abc", "model.d_model"),
     ("model.no_such_key=1", "model.no_such_key"),
     ("decoding.beam_size=0", "decoding.beam_size"),
+    ("decoding.early_stopping=maybe", "decoding.early_stopping"),
     ("model=no_such_preset", "model"),
 ])
 def test_bad_config_is_one_line_naming_the_key_with_exit_2(override, key, capsys):
