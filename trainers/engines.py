@@ -13,7 +13,7 @@ included), `normalized_score` = score / len ** length_penalty.
 How `DecodingConfig` maps onto `ctranslate2.Translator.translate_batch`
 (what cannot be honoured is refused in one line, never silently changed):
 
-    strategy greedy      beam_size=1, sampling_topk=1 (unmasked, one call: see Plain greedy)
+    strategy greedy      beam_size=1, sampling_topk=1
     strategy beam        beam_size, length_penalty, num_hypotheses=beam_size (re-ranked, cut to n_best),
                          patience 1 with early_stopping (see Beam stopping)
     strategy sample      refused: CTranslate2 seeds its sampler once per worker thread, so
@@ -39,14 +39,6 @@ hypothesis with `Translator.score_batch` (teacher forcing, eos appended by
 CTranslate2, all tokens counted) and rank by our normalized score: `score`
 means the same for both engines (equal to `model.score` within float error,
 or the int8 model's own log-probs under int8).
-
-Plain greedy.  Greedy search with min_len <= 1 and no n-gram ban masks only pad
-and bos, which a model practically never prefers.  So it runs unmasked, with
-`return_logits_vocab`, in one call for all sources (greedy tokens do not depend
-on the limit: each source is cut at its own L, the L-th token replaced by our
-forced eos), and its scores are the log-softmax of the returned step logits:
-no rescoring pass.  That is exactly our search wherever no step's argmax is pad
-or bos; a source where one is goes through the masked path above.
 
 Beam stopping.  With length_penalty 0, CTranslate2 stops a source when its
 top beam has finished and beam_size hypotheses are collected: exact for the
@@ -76,7 +68,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-import numpy as np
 import torch
 
 from .decoding import DecodingConfig, Hypothesis, decode
@@ -214,14 +205,9 @@ class CTranslate2Engine:
                 raise ValueError(f"position {len(s) - 1} exceeds model.max_positions={self.max_positions}")
         src_tokens = [[self.vocab[i] for i in s] for s in sources]
         out: list[list[Hypothesis]] = [[] for _ in sources]
-        groups = self._groups(sources, cfg)
-        if unmasked_greedy(cfg) and sources:
-            limit_of = {i: g.limit for g in groups for i in g.indices}
-            out = self._greedy_unmasked(src_tokens, [limit_of[i] for i in range(len(sources))], cfg)
-            groups = [_Group([i for i in g.indices if out[i] is None], g.limit) for g in groups]  # pad/bos: masked
-        for group in (g for g in groups if g.indices):
+        for group in self._groups(sources, cfg):
             batch = [src_tokens[i] for i in group.indices]
-            for i, hyps in zip(group.indices, self._decode_masked(batch, group.limit, cfg, options)):
+            for i, hyps in zip(group.indices, self._decode_group(batch, group.limit, cfg, options)):
                 out[i] = hyps
         return out
 
@@ -233,31 +219,9 @@ class CTranslate2Engine:
             by_limit.setdefault(min(cfg.length_limit(len(s)), self.max_positions), []).append(i)
         return [_Group(indices, limit) for limit, indices in sorted(by_limit.items())]
 
-    def _greedy_unmasked(self, batch: list[list[str]], limits: list[int],
-                         cfg: DecodingConfig) -> list[list[Hypothesis] | None]:
-        """Greedy search with nothing masked, in one call whatever the limits (greedy tokens do not depend on
-        the limit: each source is cut at its own), scored from the step logits CTranslate2 returns (no second
-        pass). Exactly ours wherever no step's argmax is pad or bos (ours masks those): such a source is None.
-        A hypothesis without eos at its limit L keeps L - 1 tokens and our forced eos, scored from step L."""
-        results = self.translator.translate_batch(batch, beam_size=1, sampling_topk=1, max_input_length=0,
-                                                  max_decoding_length=max(limits), min_decoding_length=0,
-                                                  return_end_token=True, return_logits_vocab=True)
-        return [self._scored_greedy(r.hypotheses[0][:limit], r.logits[0][:limit], cfg)
-                for r, limit in zip(results, limits)]
-
-    def _scored_greedy(self, tokens: list[str], logits: list, cfg: DecodingConfig) -> list[Hypothesis] | None:
-        ids = [self.ids[t] for t in tokens]
-        ids[-1] = EOS_ID  # eos already, or the token at the limit: our forced eos
-        if PAD_ID in ids or BOS_ID in ids:
-            return None
-        steps = torch.from_numpy(np.stack([np.asarray(x, dtype=np.float32) for x in logits]))
-        positional = torch.log_softmax(steps, -1)[torch.arange(len(ids)), torch.tensor(ids)].tolist()
-        return [make_hypothesis(ids, positional, cfg.length_penalty)]
-
-    def _decode_masked(self, batch: list[list[str]], limit: int, cfg: DecodingConfig,
-                       options: dict) -> list[list[Hypothesis]]:
-        """Hypotheses of sources sharing `limit`: CTranslate2 with our masks (pad, bos; eos before min_len), then
-        every draft (a token-id list ending with eos) rescored exactly, ranked and cut."""
+    def _decode_group(self, batch: list[list[str]], limit: int, cfg: DecodingConfig,
+                      options: dict) -> list[list[Hypothesis]]:
+        """Hypotheses (as token-id lists ending with eos, then rescored and ranked) of sources sharing `limit`."""
         if limit == 1:  # only eos is possible
             drafts = [[[]] for _ in batch]
         else:
@@ -284,12 +248,6 @@ class CTranslate2Engine:
                 ranked.append(make_hypothesis(tokens, list(result.log_probs), cfg.length_penalty))
             out.append(best_first(ranked)[:keep])
         return out
-
-
-def unmasked_greedy(cfg: DecodingConfig) -> bool:
-    """Greedy search that masks nothing but pad and bos (no min_len, no n-gram ban): CTranslate2 can run it
-    unmasked, and its step logits then give our scores without a rescoring pass."""
-    return cfg.strategy == "greedy" and cfg.min_len <= 1 and not cfg.no_repeat_ngram_size
 
 
 def translate_options(cfg: DecodingConfig, vocab: list[str]) -> dict:

@@ -73,58 +73,6 @@ def test_float32_tokens_equal_ours(engines, cfg):
             assert sum(g.positional_scores) == pytest.approx(g.score, abs=1e-5)
 
 
-def test_plain_greedy_needs_no_rescoring_pass_and_equals_the_masked_one(engines, monkeypatch):
-    """Greedy without min_len or n-gram ban runs unmasked, in one call for every length limit, and is scored
-    from CTranslate2's step logits: the same tokens and scores as the masked search plus the rescoring pass
-    (and as ours: test_float32_tokens_equal_ours), without calling score_batch."""
-    _, ct2, _ = engines
-    rows = sources(16, seed=3)
-    for cfg in (DecodingConfig(strategy="greedy", max_len=MAX_LEN),
-                DecodingConfig(strategy="greedy", max_len_a=0.5, max_len_b=3)):
-        masked = [h for g in ct2._groups(rows, cfg) for h in zip(g.indices, ct2._decode_masked(
-            [[ct2.vocab[t] for t in rows[i]] for i in g.indices], g.limit, cfg, translate_options(cfg, ct2.vocab)))]
-        calls = []
-        translate = ct2.translator.translate_batch
-        monkeypatch.setattr(ct2, "translator", _Spy(ct2.translator, calls))
-        got = ct2.decode(rows, cfg)
-        monkeypatch.undo()
-        assert calls == ["translate_batch"]  # one call, no score_batch
-        assert ct2.translator.translate_batch == translate
-        for i, hyps in masked:
-            assert got[i][0].tokens == hyps[0].tokens
-            assert got[i][0].positional_scores == pytest.approx(hyps[0].positional_scores, abs=1e-5)
-
-
-def test_greedy_where_pad_or_bos_would_win_falls_back_to_the_masked_search(tmp_path):
-    """An untrained model whose argmax is bos at some steps (its tied embedding row scaled by 1.4: 7 of 24
-    sources): those sources, and only those, go through the masked search, so every source still decodes
-    exactly as ours."""
-    model = tiny_model(seed=11, vocab_size=8)
-    with torch.no_grad():
-        model.embed.weight[1] *= 1.4
-    package = tiny_package(tmp_path, model)
-    ours, ct2 = load_engine(package), load_engine(package, engine="ctranslate2", threads=1)
-    rows = sources(24, vocab_size=8, seed=5)
-    cfg = DecodingConfig(strategy="greedy", max_len=MAX_LEN)
-    fast = ct2._greedy_unmasked([[ct2.vocab[t] for t in r] for r in rows], [MAX_LEN] * len(rows), cfg)
-    assert 0 < sum(h is None for h in fast) < len(rows)  # both paths taken
-    expected, got = ours.decode(rows, cfg), ct2.decode(rows, cfg)
-    assert _tokens(got) == _tokens(expected)
-    for g, e in zip(got, expected):
-        assert g[0].score == pytest.approx(e[0].score, abs=1e-4)
-
-
-class _Spy:
-    """A Translator that records which of its methods are called."""
-
-    def __init__(self, translator, calls: list):
-        self._translator, self._calls = translator, calls
-
-    def __getattr__(self, name):
-        self._calls.append(name)
-        return getattr(self._translator, name)
-
-
 def test_beam_with_length_penalty_best_equal(engines):
     """length_penalty 1: the engine searches to the limit (patience = max_len), so
     the best hypothesis equals ours wherever hypotheses end before the limit."""
