@@ -26,7 +26,7 @@ from typing import Any
 from data_pipeline import Manifest
 from data_pipeline.storage import as_path, is_remote, sha256_file, url
 
-from .tracking import TrackingConfig, open_wandb
+from .tracking import TrackingConfig, finish_run, open_wandb
 
 MODEL, DATASET, RESULTS = "model", "dataset", "results"
 
@@ -116,7 +116,7 @@ def log_artifact(tracking: TrackingConfig, spec: ArtifactSpec, *, run_dir: Path,
         run.log_artifact(to_wandb(spec, upload=upload), aliases=["latest", *aliases])
         return run.id
     finally:
-        run.finish()
+        finish_run(run)
 
 
 def group_digest(group: str) -> str:

@@ -89,6 +89,20 @@ def open_wandb(cfg: TrackingConfig, *, run_dir: Path, run_id: str | None, name: 
         return init("offline")
 
 
+def finish_run(run, *, wait_s: float = 60.0) -> None:
+    """`run.finish()`, then wait (at most `wait_s`) until W&B's service has written the run's exit record to
+    its `.wandb` file. `finish()` returns before the service closes the run's stream, so on a busy machine
+    the file can still lack the last rows (or be empty) when it returns: a `wandb/` folder pushed to a bucket,
+    or read back, right after would miss them."""
+    from .wandb_file import ended
+
+    sync_file = getattr(getattr(run, "settings", None), "sync_file", None)  # None: a run W&B disabled
+    run.finish()
+    deadline = time.time() + (wait_s if sync_file else 0.0)
+    while time.time() < deadline and not ended(sync_file):
+        time.sleep(0.1)
+
+
 def init_resumable(cfg: TrackingConfig, *, run_dir: Path, run_id: str, name: str, config: dict[str, Any],
                    job_type: str, wait_s: float = 60.0):
     """`open_wandb` of run `run_id` in this process's own W&B service.
@@ -131,7 +145,7 @@ def alert_run(cfg: TrackingConfig, *, run_dir: Path, run_id: str, title: str, te
         alert(title, text, level="ERROR", online=online)
     finally:
         if run is not None:
-            run.finish()
+            finish_run(run)
 
 
 def parsed_step(line: str, path: Path) -> int | None:
@@ -238,5 +252,5 @@ class Tracker:
 
     def finish(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            finish_run(self.wandb)
             self.wandb = None

@@ -37,7 +37,7 @@ from trainers.export import export_package
 from trainers.models import ModelConfig, build_model
 from trainers.package import TOKENIZER, Lineage, PackageError, load_package, sha256_file
 
-from ..tracking import TrackingConfig, open_wandb
+from ..tracking import TrackingConfig, finish_run, open_wandb
 from .config import COPY_BASELINE, EvalConfig
 from .metrics import baseline_metrics, perplexity, strategy_metrics
 from .result import EvalResult
@@ -372,7 +372,7 @@ class CheckpointLog:
 
     def close(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            finish_run(self.wandb)
             self.wandb = None
 
 

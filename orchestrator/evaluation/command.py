@@ -26,7 +26,7 @@ from ..cluster import ray_session
 from ..config import ConfigError, JobConfig, load_job_config
 from ..preflight import check_package, check_pairs, load_manifest, open_folder
 from ..runs import config_container, folder_name, write_config
-from ..tracking import TrackingConfig, new_run_id, open_wandb
+from ..tracking import TrackingConfig, finish_run, new_run_id, open_wandb
 from .actor import EvalSpec, metrics_table, samples_table
 from .presets import strategy_configs, strategy_engines
 from .result import EvalResult
@@ -171,7 +171,7 @@ def log_to_wandb(tracking: TrackingConfig, results: EvalResult, run_dir: Path, *
     metrics = results.wandb_metrics()
     run.log({**metrics, "eval/samples": samples_table(results), "eval/metrics": metrics_table(results)})
     run.summary.update(metrics)
-    run.finish()
+    finish_run(run)
     return run_id
 
 

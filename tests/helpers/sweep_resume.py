@@ -41,10 +41,12 @@ def killed_driver(args: list[str], run: str | Path, log: Path, timeout_s: float 
     """Run the sweep in a driver process of its own (its own local Ray, this process's environment),
     SIGKILL it `settle_s` after the first trial has written its package and the second trial has started.
 
-    Tune saves its state every `checkpoint_s` (0: at every step of its loop). In a bucket each save is an
-    upload: once in CI the newest state object on the local S3 server was empty after the kill (most
-    likely an upload cut by it; the resume now refuses such a state in one line). So the bucket test
-    saves every few seconds, which makes a cut upload rare, and waits for saves after trial one ended."""
+    The driver's own log says when trial two started ("sweep: trial_... started"): a trial's folder in a
+    bucket appears only when something is pushed to it, so the folders are not the signal. Tune saves its
+    state every `checkpoint_s` (0: at every step of its loop). In a bucket each save is an upload: once in
+    CI the newest state object on the local S3 server was empty after the kill (most likely an upload cut
+    by it; the resume now refuses such a state in one line). So the bucket test saves every few seconds,
+    which makes a cut upload rare, and waits for saves after trial one ended."""
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": str(checkpoint_s)}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args, "cluster.num_cpus=2"], env=env,
@@ -52,14 +54,22 @@ def killed_driver(args: list[str], run: str | Path, log: Path, timeout_s: float 
         deadline = time.time() + timeout_s
         try:
             while time.time() < deadline and proc.poll() is None:
-                if len(list(as_path(run).glob("trial_*"))) == 2 and finished_trials(run):
+                if trials_started(log) == 2 and finished_trials(run):
                     time.sleep(settle_s)
                     break
-                time.sleep(1.0)
-            assert proc.poll() is None, f"the sweep ended before it could be killed; see {log}"
+                time.sleep(0.5)
+            assert proc.poll() is None, f"the sweep ended before it could be killed; {log} ends:\n{tail(log)}"
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def trials_started(log: Path) -> int:
+    return sum(line.startswith("sweep: trial_") and " started (" in line for line in log.read_text().splitlines())
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def first_trial_record(run: str | Path) -> dict:

@@ -1,45 +1,14 @@
-"""Read back what W&B wrote in offline mode: the records of a `run-<id>.wandb` file.
-
-The file is a LevelDB-style log (a 7-byte ':W&B' header, then 32 KiB blocks of
-records with 7-byte headers: crc32, length, type FULL/FIRST/MIDDLE/LAST), each
-record a `wandb_internal_pb2.Record` protobuf.  Recent wandb versions no longer
-ship a Python reader, so the tests carry this small one.
-"""
+"""Read back what W&B wrote in offline mode: the records of each `run-<id>.wandb` file of a run folder
+(`orchestrator.wandb_file` reads the transaction log)."""
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
-from wandb.proto import wandb_internal_pb2
+from orchestrator.wandb_file import records
 
-BLOCK = 32768
-HEADER = struct.Struct("<IHB")
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def records(path: str | Path) -> list[wandb_internal_pb2.Record]:
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path}: not a .wandb file"
-    out, chunks, pos = [], [], 7
-    while pos + HEADER.size <= len(data):
-        left_in_block = BLOCK - pos % BLOCK
-        if left_in_block < HEADER.size:
-            pos += left_in_block
-            continue
-        _, length, kind = HEADER.unpack_from(data, pos)
-        if kind == 0 and length == 0:
-            break
-        payload = data[pos + HEADER.size: pos + HEADER.size + length]
-        pos += HEADER.size + length
-        chunks.append(payload)
-        if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(chunks))
-            out.append(record)
-            chunks = []
-    return out
+__all__ = ["history", "offline_runs", "records", "run_ids"]
 
 
 def offline_runs(run_dir: str | Path) -> list[Path]:
