@@ -15,7 +15,7 @@ from orchestrator.config import compose_config, to_typed
 from trainers.models import build_model
 from trainers.package import Lineage, load_package, write_package
 from tests.helpers.sweep_resume import OPTUNA_BLEU, check_resumed, first_trial_record, killed_driver, sweep_args
-from tests.helpers.wandb_offline import offline_runs, records, run_ids
+from tests.helpers.wandb_offline import folder_run_id, offline_runs, records, run_ids
 
 ray = pytest.importorskip("ray")
 
@@ -69,7 +69,7 @@ def test_a_failing_trial_is_reported_and_the_sweep_goes_on(tiny_data, pretrained
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert any("val_loss" in r for r in rows)
     for t in (good, bad):  # one W&B run per trial (opened again to log the package), all in the sweep's group
-        assert {p.parent.name.rsplit("-", 1)[1] for p in offline_runs(t["dir"])} == {t["wandb_run_id"]}
+        assert {folder_run_id(p) for p in offline_runs(t["dir"])} == {t["wandb_run_id"]}
         assert "group: sweep" in (Path(t["dir"]) / "config.yaml").read_text()
     logged = artifacts(good["dir"])  # the trial's package, and the sweep's best from the best trial's run
     assert logged[f"model-trial_{good['trial_id']}"].type == "model" and "best" in logged["model-sweep"].aliases
