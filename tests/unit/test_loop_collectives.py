@@ -3,35 +3,26 @@ validation batch counts (token-budget batching) run the same number of forwards.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainers.loop import equal_count
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, counts: list[int], out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=len(counts))
+def _rank(rank: int, store: str, counts: list[int], out) -> None:
+    # A file rendezvous: a port picked free and released first can be taken by another process before
+    # rank 0 listens on it (EADDRINUSE, seen once in CI with the other xdist worker's Ray running).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(counts))
     try:
         out.put((rank, equal_count(counts[rank])))
     finally:
         dist.destroy_process_group()
 
 
-def test_equal_count_is_the_minimum_over_ranks():
+def test_equal_count_is_the_minimum_over_ranks(tmp_path):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, [9, 8], out)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "store"), [9, 8], out)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(out.get(timeout=120) for _ in procs)
