@@ -31,7 +31,8 @@ def engine(stage: int, universal: bool = False):
 def main(root: str, stages: list[int]) -> None:
     import deepspeed
 
-    torch.distributed.init_process_group("gloo")
+    # a file rendezvous: no port to listen on, so no port another process may have taken
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in stages:
         round_trip(f"{root}/zero{stage}", stage)
