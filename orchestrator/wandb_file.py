@@ -38,30 +38,28 @@ def payloads(data: bytes) -> list[bytes]:
 
 def records(path: str | Path) -> list:
     """Every whole record of a `.wandb` file, as `wandb_internal_pb2.Record`s."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path}: not a W&B transaction log (.wandb file)")
-    out = []
-    for payload in payloads(data):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        out.append(record)
-    return out
+    return [_record(payload) for payload in payloads(_log_bytes(path))]
 
 
 def ended(path: str | Path) -> bool:
     """Whether the file holds the run's exit record: W&B wrote everything the run logged before it."""
+    try:
+        data = _log_bytes(path)
+    except (FileNotFoundError, ValueError):  # not created yet, or its header not written yet
+        return False
+    return any(_record(payload).WhichOneof("record_type") == "exit" for payload in reversed(payloads(data)))
+
+
+def _log_bytes(path: str | Path) -> bytes:
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B transaction log (.wandb file)")
+    return data
+
+
+def _record(payload: bytes):
     from wandb.proto import wandb_internal_pb2
 
-    file = Path(path)
-    if not file.is_file():
-        return False
-    data = file.read_bytes()
-    for payload in reversed(payloads(data) if data[:4] == b":W&B" else []):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "exit":
-            return True
-    return False
+    record = wandb_internal_pb2.Record()
+    record.ParseFromString(payload)
+    return record
