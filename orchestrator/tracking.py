@@ -96,7 +96,9 @@ def finish_run(run, *, wait_s: float = 60.0) -> None:
     or read back, right after would miss them."""
     from .wandb_file import ended
 
-    sync_file = getattr(getattr(run, "settings", None), "sync_file", None)  # None: a run W&B disabled
+    # Only an offline run's file is its record; a disabled run has a sync_file path that is never written
+    # (waiting on it would cost wait_s), and an online run's record is on the server.
+    sync_file = run.settings.sync_file if getattr(run, "offline", False) else None
     run.finish()
     deadline = time.time() + (wait_s if sync_file else 0.0)
     while time.time() < deadline and not ended(sync_file):

@@ -62,5 +62,16 @@ def test_finish_run_waits_for_a_service_that_writes_after_finish_returns(logged,
         threading.Timer(1.0, late.write_bytes, args=(data,)).start()
 
     start = time.time()
-    finish_run(SimpleNamespace(settings=SimpleNamespace(sync_file=str(late)), finish=finish), wait_s=30)
+    finish_run(SimpleNamespace(settings=SimpleNamespace(sync_file=str(late)), offline=True, finish=finish), wait_s=30)
     assert ended(late) and 0.9 < time.time() - start < 30
+
+
+def test_finish_run_does_not_wait_on_a_disabled_run_whose_file_never_comes(tmp_path):
+    """W&B gives a disabled run a sync_file path too; nothing is ever written there."""
+    import wandb
+
+    run = wandb.init(mode="disabled", dir=str(tmp_path))
+    assert run.settings.sync_file and not ended(run.settings.sync_file)
+    start = time.time()
+    finish_run(run, wait_s=30)
+    assert time.time() - start < 10  # it returned without polling for 30 s
