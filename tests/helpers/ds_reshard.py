@@ -99,9 +99,10 @@ def restore(engine, start: str, rank: int, world: int, *, universal: bool, optim
                                load_module_only=True)
 
 
-def ranks(rank: int, world: int, port: int, stages: list[int], plan: list[tuple]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def ranks(rank: int, world: int, rendezvous: str, stages: list[int], plan: list[tuple]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    # a file rendezvous: no port to listen on, so no port another process may have taken
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     for stage in stages:
         for steps, start, save_at, optimizer_state in plan:
@@ -121,9 +122,8 @@ def main(root: str, stages: list[int]) -> None:
         (1, [(range(4, 5), f"{r}/a3", {4: f"{r}/b4"}, True), (range(4, 5), f"{r}/a3", {4: f"{r}/x4"}, False)]),
         (2, [(range(5, 6), f"{r}/b4", {5: f"{r}/c5"}, True), (range(5, 6), f"{r}/x4", {5: f"{r}/x5"}, True)]),
     ]
-    port = 29600 + os.getpid() % 1000
     for i, (world, plan) in enumerate(phases):
-        mp.spawn(ranks, args=(world, port + i, stages, plan), nprocs=world, join=True)
+        mp.spawn(ranks, args=(world, f"{root}/rendezvous{i}", stages, plan), nprocs=world, join=True)
     print(json.dumps({stage: gaps(fill(r, stage)) for stage in stages}), flush=True)
 
 
