@@ -79,6 +79,7 @@ class Runner:
             self.ray = ray
             self.tasks = max_tasks or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
             self.node = ray.get_runtime_context().get_node_id()
+            self._remote: dict[Callable, Any] = {}  # one RemoteFunction a stage: pickled and exported once
         else:
             self.tasks = max_tasks or 1
 
@@ -91,7 +92,9 @@ class Runner:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.node, soft=False)
-        return self.ray.remote(fn).options(**options).remote(*args)
+        if fn not in self._remote:
+            self._remote[fn] = self.ray.remote(fn)
+        return self._remote[fn].options(**options).remote(*args)
 
     def get(self, ref):
         if not self.use_ray:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import webdataset as wds
 
 from .storage import as_path, is_remote, sha256_file  # noqa: F401  (sha256_file: re-exported)
 
@@ -106,6 +105,8 @@ class SplitWriter:
     """Writes one split's samples, in order, into `<folder>/<split>-%06d.tar` shards."""
 
     def __init__(self, folder: Path, split: str, shard_samples: int):
+        import webdataset as wds  # here, not at the top: webdataset imports torch, which prepare tasks need not
+
         pattern = str(folder / f"{split}-%06d.tar").replace("%", "%%").replace("%%06d", "%06d")
         self.split = split
         self.shards: list[WrittenShard] = []

@@ -203,3 +203,17 @@ def test_prepare_does_not_depend_on_where_the_corpus_lies(tmp_path):
         for f in m["source"]["files"]:
             f.pop("path")
     assert ma == mb
+
+
+def test_a_prepare_task_imports_no_torch_and_the_package_keeps_its_names():
+    """What a Ray worker imports to run a prepare stage (`data_pipeline.scale`, `.prepare`) leaves torch out
+    (seconds a worker process); the package's names are the same objects as their modules' (loaded on use),
+    and `data_pipeline.prepare` stays the function after its submodule is imported."""
+    code = ("import sys, data_pipeline.scale, data_pipeline.prepare, data_pipeline as d; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert callable(d.prepare) and d.prepare.__module__ == 'data_pipeline.prepare'; "
+            "from data_pipeline import stream; assert d.ShardStream is stream.ShardStream; "
+            "assert 'torch' in sys.modules; "
+            "assert sorted(n for n in d.__all__ if getattr(d, n) is None) == []; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
