@@ -43,7 +43,7 @@ from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_
 from .sources import SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate, split_documents
 from .storage import as_path, check_writable, is_remote, local_copy, mirror_dir, remove_tree, upload
 from .tokenizer import (Specials, check_specials, load_tokenizer, sentence_end_ids, sentinel_token,
-                        train_tokenizer)
+                        shared_tokenizer, train_tokenizer)
 from .tokenizer_map import load_given_tokenizer
 
 TOKENIZER_NAME = "tokenizer.json"
@@ -416,7 +416,7 @@ def tokenize_chunk(tok_json: str, rows: list[Row], dtype: str, sample_tokens: in
 
     With `sample_tokens` each row is a document, cut into samples of about that many tokens
     (`chunks.token_chunks`, at sentence ends when it can)."""
-    tok = Tokenizer.from_str(tok_json)
+    tok = shared_tokenizer(tok_json)
     tgt = tok.encode_batch([r[2] for r in rows], add_special_tokens=False)
     if sample_tokens:
         return [(encode_sample(f"{key}-{c:04d}", {"tgt": ids}, dtype), len(ids))

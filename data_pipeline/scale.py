@@ -38,6 +38,7 @@ from .formats import ReadSpec, Record, SourceFile, records
 from .parts import parts_of, splittable
 from .shards import END_OF_ARCHIVE, WrittenShard, sha256_file, tar_sample
 from .sources import SPLITS
+from .tokenizer import shared_tokenizer
 
 HASH_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<u8"), ("split", "u1")])
 DROP_DTYPE = np.dtype([("file", "<u4"), ("pos", "<u8")])
@@ -281,10 +282,8 @@ def encode_file(origin: tuple[int, int], src: SourceFile, spec: ReadSpec, max_do
     """Stage `encode` (streaming) of a file or part, `origin` = (file index, position of its first sample):
     for every piece, yields `(split, samples)` then the Piece itself. The filters are not run again:
     `verdicts` (from `scan`) say what each item gave."""
-    from tokenizers import Tokenizer
-
     _one_thread_in_a_task()
-    tok = Tokenizer.from_str(enc.tok_json)
+    tok = shared_tokenizer(enc.tok_json)
     index, first = origin
     dropped = dropped_positions(index, drop_arrays)
     open_pieces = {s: Piece(s) for s in SPLITS}

@@ -9,7 +9,9 @@ import gzip
 import io
 import json
 import lzma
+import os
 import random
+import subprocess
 import sys
 from array import array
 from collections import Counter
@@ -415,3 +417,54 @@ def test_max_documents_keeps_the_first_documents_of_the_corpus(tmp_path):
     with pytest.raises(ValueError, match=r"data.format: task 'pairs' needs source/target pairs; .*x.txt"):
         prepare(cfg(tmp_path, dir=str(tmp_path / "p"), task="pairs", sources=[str(tmp_path / "x.txt")]),
                 progress=False, use_ray=False)
+
+
+WORKER_LOOP = """
+import json, random, sys
+import numpy as np, psutil
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from data_pipeline import scale
+from data_pipeline.formats import ReadSpec, list_sources
+from data_pipeline.filters import TextFilter
+folder, mode = sys.argv[1], sys.argv[2]
+rng = random.Random(0)
+zh = "我们今天在公园里散步看见很多小鸟在树上唱歌天气非常好"
+words = "the river runs past old mills and quiet farms while birds sing over fields of wheat".split()
+lines = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) if i % 2 else
+         "".join(rng.choice(zh) for _ in range(rng.randint(12, 60))) for i in range(3000)]
+open(f"{folder}/a.txt", "w").write("\\n".join(lines) + "\\n")
+tok = Tokenizer(models.BPE(unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.Metaspace()
+tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+tok_json = tok.to_str()
+src = list_sources([f"{folder}/a.txt"], "lines")[0]
+spec = ReadSpec(task="text", doc_lines=100, text_filter=TextFilter(min_words=1, max_words=1000))
+verdicts = scale.scan_file(src, spec, -1, 0)[3]
+no_drops = np.zeros(0, scale.DROP_DTYPE)
+rss = []
+for task in range(12):  # what one Ray worker does for 12 encode tasks: each gets its own copy of the JSON
+    enc = scale.EncodeSpec(json.loads(json.dumps(tok_json)), "uint16", 500)
+    if mode == "fresh":  # the reference: a tokenizer built per task, as before
+        scale.shared_tokenizer.cache_clear()
+    for _ in scale.encode_file((0, 0), src, spec, -1, enc, verdicts, no_drops):
+        pass
+    info = psutil.Process().memory_info()
+    rss.append(info.rss - info.shared)
+print(json.dumps({"growth_mb": (rss[-1] - rss[1]) / 2**20}))
+"""
+
+
+def test_an_encode_worker_does_not_grow_with_the_tasks_it_runs(tmp_path):
+    """A Ray worker runs many encode tasks; each must leave its memory as it found it. Measured against the
+    reference of a tokenizer built per task (tokenizers 0.23 kept ~MBs of each), in two fresh processes."""
+    def growth(mode: str) -> float:
+        (tmp_path / mode).mkdir()
+        out = subprocess.run([sys.executable, "-c", WORKER_LOOP, str(tmp_path / mode), mode], capture_output=True,
+                             text=True, cwd=Path(__file__).parents[2], env={**os.environ,
+                                                                          "TOKENIZERS_PARALLELISM": "false"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])["growth_mb"]
+
+    shared, fresh = growth("shared"), growth("fresh")
+    assert shared < 2.0, (shared, fresh)
+    print(f"private RSS growth over 10 encode tasks: shared tokenizer {shared:.1f} MB, one per task {fresh:.1f} MB")
