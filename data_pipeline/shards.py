@@ -75,8 +75,10 @@ def ustar_header(name: bytes, size: int) -> bytes:
         raise ValueError(f"tar member name over 100 bytes: {name!r}")
     h = bytearray(_HEADER_TEMPLATE)
     h[:len(name)] = name
-    h[124:136] = b"%011o\0" % size
-    h[148:156] = b"%06o\0 " % sum(h)
+    h[124:136] = size_field = b"%011o\0" % size
+    # the checksum is the sum of the header's bytes: the template's (its name and size fields are zeros)
+    # plus the two fields set here, without summing 512 bytes a member
+    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(size_field))
     return bytes(h)
 
 
@@ -92,6 +94,7 @@ def _header_template() -> bytes:
 
 
 _HEADER_TEMPLATE = _header_template()
+_TEMPLATE_SUM = sum(_HEADER_TEMPLATE)
 
 
 @dataclass

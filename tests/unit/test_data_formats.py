@@ -399,7 +399,11 @@ def test_fast_tar_headers_equal_tarfiles():
 
     from data_pipeline.shards import ustar_header
 
-    for name, size in [("000001-000000002.tgt.u16", 6), ("x.src.u32", 123456789), ("k-0001.tgt.u16", 0)]:
+    rng = random.Random(0)
+    cases = [("000001-000000002.tgt.u16", 6), ("x.src.u32", 123456789), ("k-0001.tgt.u16", 0), ("n" * 100, 8**11 - 1)]
+    cases += [("".join(rng.choice("abz09-._") for _ in range(rng.randint(1, 100))), rng.randrange(8**11))
+              for _ in range(200)]
+    for name, size in cases:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = size, 0, 0o444
         info.uname = info.gname = "seqfoundry"
