@@ -29,10 +29,11 @@ from .tracking import new_run_id
 KINDS = ("pretrain", "finetune")
 
 
-def preflight_training(job: JobConfig, *, kind: str, finished_ok: bool = False) -> Run:
+def preflight_training(job: JobConfig, *, kind: str, finished_ok: bool = False, lock_wait_s: float = 0.0) -> Run:
     """The Run of a pretrain or finetune job, every check passed (reads, never writes the run).
     `finished_ok`: a resume may find the run at trainer.max_steps (a sweep trial restored by Tune after its
-    last checkpoint: the workers restore, save nothing, and the package is written)."""
+    last checkpoint: the workers restore, save nothing, and the package is written).
+    `lock_wait_s`: how long a live holder of run.dir's lock may keep it before the run is refused."""
     check_training_config(job, kind=kind)
     manifest = load_manifest(job.data.dir)
     model = job.model
@@ -49,7 +50,7 @@ def preflight_training(job: JobConfig, *, kind: str, finished_ok: bool = False) 
     storage = (open_folder(job.cluster.storage_path, key="cluster.storage_path", writable=True).location
                if job.cluster.storage_path else folder.location)
     if not folder.remote:
-        _check(RunLock(folder.local).check)  # another run active in this folder
+        _check(lambda: RunLock(folder.local).check(wait_s=lock_wait_s))  # another run active in this folder
     resumed = _check_resume(folder, CheckpointRoot.under(storage), resume=job.resume)
     config = config_container(job)
     if resumed and not finished_ok:

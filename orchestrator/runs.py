@@ -158,12 +158,19 @@ class RunLock:
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK
 
-    def check(self) -> None:
-        """ValueError (one line naming run.dir) when another live process holds the lock."""
+    def check(self, wait_s: float = 0.0) -> None:
+        """ValueError (one line naming run.dir) when another live process holds the lock, once it has held it
+        `wait_s` seconds more (a restarted trial waits for the process of its killed incarnation to exit)."""
+        deadline = time.monotonic() + wait_s
+        while (holder := self.other_live_holder()) is not None:
+            if time.monotonic() >= deadline:
+                raise ValueError(f"run.dir: {self.path.parent} is in use by pid {holder.get('pid')} on "
+                                 f"{holder.get('host')} (delete {self.path} if that run is dead)")
+            time.sleep(0.2)
+
+    def other_live_holder(self) -> dict | None:
         holder = self.holder()
-        if holder is not None and holder.get("pid") != os.getpid() and _alive(holder):
-            raise ValueError(f"run.dir: {self.path.parent} is in use by pid {holder.get('pid')} on "
-                             f"{holder.get('host')} (delete {self.path} if that run is dead)")
+        return holder if holder is not None and holder.get("pid") != os.getpid() and _alive(holder) else None
 
     def acquire(self) -> "RunLock":
         self.check()
@@ -190,12 +197,21 @@ def _alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True
     try:
-        os.kill(int(holder.get("pid", 0)), 0)
+        pid = int(holder.get("pid", 0))
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError):
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """An exited process its parent has not reaped yet: it still answers kill(pid, 0), but runs no more."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @dataclass

@@ -77,6 +77,11 @@ def trial_job(recipe: TrialRecipe, values: dict[str, Any], *, trial: str) -> Job
     return to_typed(cfg)
 
 
+RESTART_LOCK_WAIT_S = 60.0
+"""A trial restarted by a resumed sweep may find its folder still locked by the trial process of the killed
+driver's cluster, which Ray ends within seconds of the driver's death: the trial waits for it this long."""
+
+
 def interrupted(job: JobConfig) -> bool:
     """The trial's run folder has checkpoints: a resumed sweep continues the trial from the latest."""
     return CheckpointRoot.under(job.cluster.storage_path or job.run.dir).latest() is not None
@@ -94,7 +99,8 @@ def run_trial(config: dict, *, recipe: TrialRecipe) -> None:
     context = tune.get_context()
     job = trial_job(recipe, flatten(config), trial=f"trial_{context.get_trial_id()}")
     job = dataclasses.replace(job, resume=interrupted(job))
-    run, spec = preflight_training(job, kind="finetune", finished_ok=True), train_spec(job)
+    run = preflight_training(job, kind="finetune", finished_ok=True, lock_wait_s=RESTART_LOCK_WAIT_S)
+    spec = train_spec(job)
     run.open()
     mailbox = Queue(actor_options={"num_cpus": 0})
     _RUNNING.update(mailbox=mailbox, folder=run.folder)

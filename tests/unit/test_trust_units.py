@@ -130,6 +130,41 @@ def test_a_second_run_on_a_locked_run_dir_is_refused_and_a_stale_lock_taken_over
     assert not (run / ".lock").exists()
 
 
+def test_a_restarted_run_waits_for_the_holder_to_exit_and_a_zombie_holds_nothing(tmp_path):
+    """A sweep trial restarted after its driver was killed can find the lock of its killed incarnation's process,
+    still exiting: with `wait_s` it waits for that process (here one that exits after 2 s) instead of failing.
+    An exited but unreaped process (a zombie) still answers kill(pid, 0): its lock is stale."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from orchestrator.runs import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def held_by(proc) -> None:
+        (run / ".lock").write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
+
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    held_by(exiting)
+    with pytest.raises(ValueError, match=r"^run.dir: .* is in use by pid"):
+        RunLock(run).check()  # no wait: refused while it runs
+    start = time.monotonic()
+    RunLock(run).check(wait_s=60)  # returns once the holder has exited (unreaped: a zombie until wait())
+    assert RunLock(run).other_live_holder() is None and time.monotonic() - start < 30
+    exiting.wait()
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    held_by(zombie)
+    deadline = time.time() + 30
+    while time.time() < deadline and f") Z " not in Path(f"/proc/{zombie.pid}/stat").read_text():
+        time.sleep(0.05)  # not reaped: no wait()/poll() until the lock is taken over
+    RunLock(run).acquire().release()
+    zombie.wait()
+
+
 # --- saved configs of someone else's package (item 3) ---------------------------------------------
 
 def test_a_saved_config_with_an_interpolation_is_refused_without_resolving_it(tmp_path, monkeypatch):
