@@ -8,7 +8,8 @@ Chinese, Arabic) in files of `--file-mb` MB, prepares it (`data.format=lines`, `
 tokenizer trained on a `--sample-mb` sample) in a fresh driver process connected to one local Ray cluster,
 and prints MB/s, samples/s, the driver's peak RSS and the largest worker's peak private RSS (every 50 ms).
 It also prints the practical limit: plain `tokenizers` `encode_batch` of the same text with the same
-tokenizer in one process on one thread. Targets (issue 12): throughput per core >= 0.7x that limit; the
+tokenizer in one process on one thread (and, beside it, `encode_batch_fast`, which prepare calls: the same
+ids without character offsets). Targets (issue 12): throughput per core >= 0.7x that limit; the
 driver's peak at the largest size <= 1.2x its peak at the smallest; workers' peaks flat.
 """
 
@@ -83,14 +84,16 @@ import json, sys, time
 from pathlib import Path
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1])
-files = sorted(Path(sys.argv[2]).glob("*.txt"))
-t, n = time.perf_counter(), 0
-for f in files:
-    lines = f.read_text(encoding="utf-8").splitlines()
-    for i in range(0, len(lines), 1024):
-        tok.encode_batch(lines[i:i + 1024], add_special_tokens=False)
-    n += f.stat().st_size
-print(json.dumps({"mb_per_s": n / 2**20 / (time.perf_counter() - t)}))
+texts = [f.read_text(encoding="utf-8").splitlines() for f in sorted(Path(sys.argv[2]).glob("*.txt"))]
+size = sum(f.stat().st_size for f in Path(sys.argv[2]).glob("*.txt")) / 2**20
+rates = {}
+for name in ("encode_batch", "encode_batch_fast"):
+    encode, t = getattr(tok, name), time.perf_counter()
+    for lines in texts:
+        for i in range(0, len(lines), 1024):
+            encode(lines[i:i + 1024], add_special_tokens=False)
+    rates[name] = size / (time.perf_counter() - t)
+print(json.dumps(rates))
 """
 
 
@@ -153,11 +156,12 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             with WorkerPeak() as workers:
                 got = run_json(DRIVER, address, str(corpus), str(out), str(args.vocab_size), str(args.sample_mb << 20))
-            limit = run_json(LIMIT, str(out / "tokenizer.json"), str(corpus),
-                             env={"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"})["mb_per_s"]
+            limits = run_json(LIMIT, str(out / "tokenizer.json"), str(corpus),
+                              env={"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"})
+            limit, fast = limits["encode_batch"], limits["encode_batch_fast"]
             mbps = size / 2**20 / got["seconds"]
             rows.append((mb, mbps, got["samples"] / got["seconds"], got["driver_rss"], workers.peak, limit,
-                         mbps / args.cpus / limit))
+                         mbps / args.cpus / limit, fast, mbps / args.cpus / fast))
             shutil.rmtree(corpus)
             shutil.rmtree(out)
     finally:
@@ -168,12 +172,13 @@ def main() -> None:
 
 
 def print_table(rows: list[tuple], cpus: int) -> None:
-    print(f"prepare scaling ({cpus} CPUs; limit = tokenizers encode_batch, 1 process, 1 thread)")
+    print(f"prepare scaling ({cpus} CPUs; limit = tokenizers encode_batch, 1 process, 1 thread; "
+          "fast = encode_batch_fast, the call prepare makes, the same way)")
     print(f"{'corpus MB':>9} {'MB/s':>7} {'samples/s':>10} {'driver RSS MB':>13} {'worker MB':>13} "
-          f"{'limit MB/s':>10} {'per-core/limit':>14}")
-    for mb, mbps, sps, drv, wrk, limit, ratio in rows:
+          f"{'limit MB/s':>10} {'per-core/limit':>14} {'fast MB/s':>9} {'per-core/fast':>13}")
+    for mb, mbps, sps, drv, wrk, limit, ratio, fast, fast_ratio in rows:
         print(f"{mb:>9} {mbps:>7.2f} {sps:>10.0f} {drv / 2**20:>13.0f} {wrk / 2**20:>13.0f} {limit:>10.2f} "
-              f"{ratio:>14.2f}")
+              f"{ratio:>14.2f} {fast:>9.2f} {fast_ratio:>13.2f}")
     if len(rows) > 1:
         print(f"driver peak, largest/smallest: {rows[-1][3] / rows[0][3]:.2f}x (target <= 1.2x); "
               f"worker peak, largest/smallest: {rows[-1][4] / max(rows[0][4], 1):.2f}x")

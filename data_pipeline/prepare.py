@@ -43,7 +43,7 @@ from .shards import SplitWriter, WrittenShard, encode_sample, ids_dtype, sha256_
 from .sources import SPLITS, Document, TextLimits, builtin_corpus_name, builtin_documents, deduplicate, split_documents
 from .storage import as_path, check_writable, is_remote, local_copy, mirror_dir, remove_tree, upload
 from .tokenizer import (Specials, check_specials, load_tokenizer, sentence_end_ids, sentinel_token,
-                        shared_tokenizer, train_tokenizer)
+                        encode_texts, shared_tokenizer, train_tokenizer)
 from .tokenizer_map import load_given_tokenizer
 
 TOKENIZER_NAME = "tokenizer.json"
@@ -417,16 +417,16 @@ def tokenize_chunk(tok_json: str, rows: list[Row], dtype: str, sample_tokens: in
     With `sample_tokens` each row is a document, cut into samples of about that many tokens
     (`chunks.token_chunks`, at sentence ends when it can)."""
     tok = shared_tokenizer(tok_json)
-    tgt = tok.encode_batch([r[2] for r in rows], add_special_tokens=False)
+    tgt = encode_texts(tok, [r[2] for r in rows])
     if sample_tokens:
         return [(encode_sample(f"{key}-{c:04d}", {"tgt": ids}, dtype), len(ids))
                 for (key, _, _), t in zip(rows, tgt)
-                for c, ids in enumerate(token_chunks(t.ids, sample_tokens, sentence_ends))]
+                for c, ids in enumerate(token_chunks(t, sample_tokens, sentence_ends))]
     has_src = rows[0][1] is not None
-    src = tok.encode_batch([r[1] for r in rows], add_special_tokens=False) if has_src else [None] * len(rows)
+    src = encode_texts(tok, [r[1] for r in rows]) if has_src else [None] * len(rows)
     out = []
     for (key, _, _), s, t in zip(rows, src, tgt):
-        fields = {"src": s.ids, "tgt": t.ids} if s is not None else {"tgt": t.ids}
+        fields = {"src": s, "tgt": t} if s is not None else {"tgt": t}
         out.append((encode_sample(key, fields, dtype), sum(len(v) for v in fields.values())))
     return out
 

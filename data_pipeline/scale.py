@@ -38,7 +38,7 @@ from .formats import ReadSpec, Record, SourceFile, records
 from .parts import parts_of, splittable
 from .shards import END_OF_ARCHIVE, WrittenShard, sha256_file, tar_sample
 from .sources import SPLITS
-from .tokenizer import shared_tokenizer
+from .tokenizer import encode_texts, shared_tokenizer
 
 HASH_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<u8"), ("split", "u1")])
 DROP_DTYPE = np.dtype([("file", "<u4"), ("pos", "<u8")])
@@ -328,9 +328,9 @@ def _rows(recs: Iterator[Record], dropped: set[int], sample_tokens: int) -> Iter
 def _encode_batch(tok, index: int, batch: list[Record], enc: EncodeSpec, pieces: dict[str, Piece]) -> Iterator:
     if not batch:
         return
-    tgt = tok.encode_batch([r.tgt for r in batch], add_special_tokens=False)
+    tgt = encode_texts(tok, [r.tgt for r in batch])
     has_src = batch[0].src is not None
-    src = tok.encode_batch([r.src for r in batch], add_special_tokens=False) if has_src else [None] * len(batch)
+    src = encode_texts(tok, [r.src for r in batch]) if has_src else [None] * len(batch)
     for rec, s, t in zip(batch, src, tgt):
         key = f"{index:06d}-{rec.pos:09d}"
         for sample_key, fields in _sample_fields(key, s, t, enc):
@@ -344,10 +344,10 @@ def _encode_batch(tok, index: int, batch: list[Record], enc: EncodeSpec, pieces:
 
 def _sample_fields(key: str, s, t, enc: EncodeSpec) -> Iterator[tuple[str, dict]]:
     if enc.sample_tokens:
-        for c, ids in enumerate(token_chunks(t.ids, enc.sample_tokens, enc.sentence_ends)):
+        for c, ids in enumerate(token_chunks(t, enc.sample_tokens, enc.sentence_ends)):
             yield f"{key}-{c:04d}", {"tgt": ids}
         return
-    yield key, ({"src": s.ids, "tgt": t.ids} if s is not None else {"tgt": t.ids})
+    yield key, ({"src": s, "tgt": t} if s is not None else {"tgt": t})
 
 
 # --- write ------------------------------------------------------------------------------------------

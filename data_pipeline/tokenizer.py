@@ -148,6 +148,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
+def encode_texts(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without bos/eos, in one batch call. `encode_batch_fast` gives the ids of
+    `encode_batch` without computing character offsets, which prepare never reads: ~1.3x the tokens/s
+    on one thread (benchmarks/prepare_scaling.py prints both)."""
+    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
 def tokenize(tok: Tokenizer, text: str) -> list[int]:
     """Token ids of `text`, without bos/eos (the collator adds them)."""
     return tok.encode(text, add_special_tokens=False).ids

@@ -25,6 +25,7 @@ from data_pipeline.config import FieldsConfig
 from data_pipeline.filters import TextFilter, filter_text, text_units
 from data_pipeline.formats import ReadSpec, list_sources, records, split_of
 from data_pipeline.scale import BottomK, Runner, merged_sample, reduce_samples, split_files
+from data_pipeline.tokenizer import encode_texts, train_tokenizer
 
 KEEP_ALL = TextFilter(min_words=1, max_words=10_000, min_alpha=0.0, drop_code=False)
 WORDS = "river mountain walks sees birds number quick brown fox lazy dog sun moon".split()
@@ -183,6 +184,15 @@ def test_a_mixed_script_corpus_loses_no_line(tmp_path):
                 progress=False, use_ray=False)  # default filters
     assert m.data["filters"]["kept"] == len(MIXED) and not any(m.data["filters"]["dropped"].values())
     assert sorted(t for _, t in read_back(m.folder)["train"]) == sorted(MIXED)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_prepare_encodes_the_ids_of_encode_batch(kind):
+    """prepare tokenizes with `encode_batch_fast` (no offsets): the reference is `encode_batch`'s ids,
+    on mixed scripts, empty and unknown text, for both tokenizer kinds we train."""
+    texts = MIXED + sentences(200) + ["", " ", "  two  spaces ", "ümlaut ß ﬁ", "🙂 emoji"]
+    tok = train_tokenizer(MIXED + sentences(400, seed=1), kind=kind, vocab_size=400, num_sentinels=4)
+    assert encode_texts(tok, texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
 def test_length_counts_characters_for_scripts_without_spaces():
