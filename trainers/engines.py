@@ -40,6 +40,15 @@ CTranslate2, all tokens counted) and rank by our normalized score: `score`
 means the same for both engines (equal to `model.score` within float error,
 or the int8 model's own log-probs under int8).
 
+One pass for greedy.  Where nothing would be masked but pad and bos (greedy,
+min_len <= 1, no n-gram ban: `one_pass`), the search runs unmasked and its
+per-token log-probs (CTranslate2's step callback) are the full softmax's, so
+a draft that ends with eos needs no rescoring: the usual case of a trained
+model, one decoder pass instead of two.  Only drafts cut at the limit are
+rescored (their eos term is unknown), and a source whose draft holds pad or
+bos is decoded again with them masked (before it, the unmasked argmax was
+ours; a pad/bos argmax is where they part).
+
 Beam stopping.  With length_penalty 0, CTranslate2 stops a source when its
 top beam has finished and beam_size hypotheses are collected: exact for the
 best hypothesis, as ours.  With a length penalty its own rule (stop after
@@ -223,12 +232,44 @@ class CTranslate2Engine:
                       options: dict) -> list[list[Hypothesis]]:
         """Hypotheses (as token-id lists ending with eos, then rescored and ranked) of sources sharing `limit`."""
         if limit == 1:  # only eos is possible
-            drafts = [[[]] for _ in batch]
-        else:
-            options = dict(options, max_decoding_length=limit - 1,
-                           min_decoding_length=min(max(cfg.min_len - 1, 0), limit - 1))
-            drafts = [r.hypotheses for r in self.translator.translate_batch(batch, **options)]
+            return self._rescored(batch, [[[]] for _ in batch], cfg)
+        options = dict(options, max_decoding_length=limit - 1,
+                       min_decoding_length=min(max(cfg.min_len - 1, 0), limit - 1))
+        if one_pass(cfg):
+            return self._greedy_one_pass(batch, cfg, options)
+        drafts = [r.hypotheses for r in self.translator.translate_batch(batch, **options)]
         return self._rescored(batch, drafts, cfg)
+
+    def _greedy_one_pass(self, batch: list[list[str]], cfg: DecodingConfig,
+                         options: dict) -> list[list[Hypothesis]]:
+        """Greedy search with nothing masked, whose per-token log-probs are the full softmax's: a draft that
+        ends with eos is final as it is. Drafts cut at the limit (eos to append) are rescored; sources whose
+        draft holds pad or bos (which ours never picks) are decoded again the masked way and rescored."""
+        steps: list[list[float]] = [[] for _ in batch]
+
+        def collect(step) -> bool:
+            steps[step.batch_id].append(step.log_prob)
+            return False
+
+        results = self.translator.translate_batch(batch, **dict(options, suppress_sequences=None, return_scores=True,
+                                                                callback=collect))
+        out: list[list[Hypothesis]] = [[] for _ in batch]
+        cut, masked = [], []
+        for i, result in enumerate(results):
+            tokens = [self.ids[t] for t in result.hypotheses[0]]
+            if PAD_ID in tokens or BOS_ID in tokens:
+                masked.append(i)
+            elif tokens and tokens[-1] == EOS_ID:
+                out[i] = [make_hypothesis(tokens, steps[i], cfg.length_penalty)]
+            else:
+                cut.append(i)
+        for i, hyps in zip(cut, self._rescored([batch[i] for i in cut], [[results[i].hypotheses[0]] for i in cut], cfg)):
+            out[i] = hyps
+        if masked:
+            again = self.translator.translate_batch([batch[i] for i in masked], **options)
+            for i, hyps in zip(masked, self._rescored([batch[i] for i in masked], [r.hypotheses for r in again], cfg)):
+                out[i] = hyps
+        return out
 
     def _rescored(self, batch: list[list[str]], drafts: list[list[list[str]]],
                   cfg: DecodingConfig) -> list[list[Hypothesis]]:
@@ -248,6 +289,12 @@ class CTranslate2Engine:
                 ranked.append(make_hypothesis(tokens, list(result.log_probs), cfg.length_penalty))
             out.append(best_first(ranked)[:keep])
         return out
+
+
+def one_pass(cfg: DecodingConfig) -> bool:
+    """Whether CTranslate2's own per-token log-probs are ours (no renormalisation): greedy search with no
+    eos masked by min_len and no n-gram ban; pad and bos are then left unmasked and checked after."""
+    return cfg.strategy == "greedy" and cfg.min_len <= 1 and not cfg.no_repeat_ngram_size
 
 
 def translate_options(cfg: DecodingConfig, vocab: list[str]) -> dict:
@@ -280,4 +327,4 @@ def _converted_model_config(model_dir: str | Path) -> dict:
 
 
 __all__ = ["Engine", "TorchEngine", "CTranslate2Engine", "load_engine", "decode_with_engine", "check_engine",
-           "translate_options", "pad_sources", "ENGINES"]
+           "translate_options", "one_pass", "pad_sources", "ENGINES"]

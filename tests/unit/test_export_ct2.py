@@ -3,6 +3,7 @@ decodes exactly as ours in float32; converted models are cached per compute type
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -71,6 +72,48 @@ def test_float32_tokens_equal_ours(engines, cfg):
             assert g.score == pytest.approx(e.score, abs=1e-4)
             assert g.normalized_score == pytest.approx(e.normalized_score, abs=1e-4)
             assert sum(g.positional_scores) == pytest.approx(g.score, abs=1e-5)
+
+
+class _CountingTranslator:
+    """The engine's `ctranslate2.Translator`, counting the rows it rescores (score_batch)."""
+
+    def __init__(self, translator):
+        self.translator, self.rescored = translator, 0
+
+    def translate_batch(self, *args, **kwargs):
+        return self.translator.translate_batch(*args, **kwargs)
+
+    def score_batch(self, source, target, **kwargs):
+        self.rescored += len(target)
+        return self.translator.score_batch(source, target, **kwargs)
+
+
+@pytest.mark.parametrize("pad_bos_scale", [1.0, 3.5], ids=["trained", "pad-bos-favoured"])
+def test_greedy_rescores_only_cut_drafts_and_redoes_pad_bos_ones(tmp_path, pad_bos_scale):
+    """Greedy with min_len <= 1 runs one unmasked CTranslate2 pass; drafts that end with eos keep its
+    log-probs, drafts cut at the limit are rescored, and sources whose unmasked draft holds pad or bos
+    are decoded again masked. Reference: our decoder's tokens and scores. With pad/bos embeddings scaled
+    up (tied: their logits grow), the unmasked argmax picks them for some sources; each kind is checked present."""
+    model = copy.deepcopy(trained_tiny_model(seed=0))
+    with torch.no_grad():
+        model.embed.weight[:2] *= pad_bos_scale
+    package = tiny_package(tmp_path, model)
+    ours, ct2 = load_engine(package), load_engine(package, engine="ctranslate2", threads=1)
+    rows, cfg = sources(24, seed=3), DecodingConfig(strategy="greedy", max_len=MAX_LEN)
+    unmasked = ct2.translator.translate_batch([[ct2.vocab[i] for i in r] for r in rows], beam_size=1,
+                                              max_decoding_length=MAX_LEN - 1, min_decoding_length=0,
+                                              return_end_token=True, max_input_length=0)
+    drafts = [r.hypotheses[0] for r in unmasked]
+    pad_bos = sum(bool({"<pad>", "<s>"} & set(d)) for d in drafts)
+    cut = sum(d[-1] != "</s>" and not {"<pad>", "<s>"} & set(d) for d in drafts)
+    assert len(rows) - cut - pad_bos > 0 and (pad_bos > 0 if pad_bos_scale > 1 else pad_bos == 0 and cut > 0)
+    ct2.translator = _CountingTranslator(ct2.translator)
+    expected, got = ours.decode(rows, cfg), ct2.decode(rows, cfg)
+    assert _tokens(got) == _tokens(expected)
+    for g, e in zip(got, expected):
+        assert g[0].score == pytest.approx(e[0].score, abs=1e-4)
+        assert g[0].positional_scores == pytest.approx(e[0].positional_scores, abs=1e-5)
+    assert ct2.translator.rescored == cut + pad_bos
 
 
 def test_beam_with_length_penalty_best_equal(engines):
