@@ -263,12 +263,12 @@ def run_files(plan: Plan, staging: Path, *, progress: bool, use_ray: bool) -> Ma
                     doc_lines=cfg.doc_lines, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
                     text_filter=TextFilter(cfg.min_words, cfg.max_words, cfg.min_alpha, cfg.drop_code))
 
-    def tokenizer(runner: Runner, samples: list) -> str:
+    def tokenizer(runner: Runner, samples: list):
         if given:
-            return given[0].to_str()
+            return runner.put(given[0].to_str())
         train = partial(_trained_json, cfg.tokenizer_type, cfg.vocab_size, sentinels)
         merged = reduce_samples(runner, cfg.tokenizer_sample_bytes, samples)
-        return runner.get(runner.submit(train_from_sample, train, cfg.tokenizer_sample_bytes, *merged))
+        return runner.submit(train_from_sample, train, cfg.tokenizer_sample_bytes, *merged)
 
     def encoding(tok_json: str) -> EncodeSpec:
         tok = Tokenizer.from_str(tok_json)

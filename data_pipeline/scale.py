@@ -97,6 +97,10 @@ class Runner:
             self._remote[fn] = self.ray.remote(fn)
         return self._remote[fn].options(**options).remote(*args)
 
+    def put(self, value):
+        """A value as `submit` returns results: an object reference with Ray, the value itself without."""
+        return self.ray.put(value) if self.use_ray else value
+
     def get(self, ref):
         if not self.use_ray:
             return ref
@@ -429,8 +433,9 @@ def report_filters(read: int, drops: dict[str, int], kept: int) -> dict:
 def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: Path, max_documents: int,
                dedup: bool, shard_samples: int, sample_bytes: int, tokenizer: Callable[[Runner, list], str],
                encoding: Callable[[str], EncodeSpec], progress: bool, part_bytes: int = 0) -> CorpusResult:
-    """Every stage for `files`; `tokenizer(runner, sample_refs)` gives tokenizer.json (trained on the
-    sample, or the given one), `encoding(tok_json)` the encode settings. Plain line files over `part_bytes`
+    """Every stage for `files`; `tokenizer(runner, sample_refs)` submits tokenizer.json (trained on the
+    sample, or the given one; `runner.get` of what it returns gives the JSON), `encoding(tok_json)` the
+    encode settings. Plain line files over `part_bytes`
     are read as several parts (`parts`; not with `max_documents`)."""
     owners, files = split_files(files, spec, part_bytes if not max_documents else 0, runner, progress)
     caps = [-1] * len(files)
@@ -446,12 +451,13 @@ def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: 
     kept = [sum(s.samples[i] for s in summaries) for i in range(3)]
     if not sum(kept):
         raise ValueError(f"data.sources: no text left after the filters ({dict(drops) or 'nothing read'})")
+    tok_ref = tokenizer(runner, samples)  # submitted first: the tokenizer trains while de-duplication runs
+    del samples
     drop_refs, dups = deduplicate(hashes, origins, sum(kept), runner, progress) if dedup else ([], [0, 0, 0])
     del hashes
     drops["dedup"] = sum(dups)
     filters = report_filters(read, dict(drops), sum(kept) - sum(dups))
-    tok_json = tokenizer(runner, samples)
-    del samples
+    tok_json = runner.get(tok_ref)
     enc = encoding(tok_json)
     total = None if enc.sample_tokens else sum(kept) - sum(dups)
     written = encode_and_write(files, origins, spec, caps, verdicts, enc, drop_refs, runner, out, total, progress)
