@@ -18,6 +18,15 @@ min_decoding_length = max_decoding_length = 40 (40 tokens, no eos, its own
 renormalised scores), i.e. what the engine costs without the rescoring pass.
 
     python benchmarks/decode_engines.py --threads 2 --iters 3 --warmup 1
+
+With `--package runs/<run>/.../model --data <prepared folder>` it also times greedy search of that trained
+package on the split's sources, where hypotheses end with eos by themselves (max_len_a 1.5, max_len_b 10,
+as the demo evaluates): our decoder fp32, the CTranslate2 engine in int8 (one unmasked pass, rescoring only
+hypotheses cut at the limit), the same engine made to rescore every hypothesis (min_len 2: eos masked at
+the first step, CTranslate2's two-pass path), and `translate_batch` alone; then beam 5, ours fp32 and the
+engine in int8.
+
+    python benchmarks/decode_engines.py --package runs/<time>/sweep/<trial>/model --data runs/<time>/data/restore
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="timed runs per engine and strategy")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every engine (torch and CTranslate2)")
+    p.add_argument("--package", default=None, help="a trained model package: also time greedy on --data")
+    p.add_argument("--data", default=None, help="the prepared folder whose --split sources --package decodes")
+    p.add_argument("--split", default="test")
     return p.parse_args()
 
 
@@ -111,6 +123,59 @@ def main() -> None:
     print("tokens/s = generated tokens of the best hypothesis per source / best wall time of the runs "
           "(target: ct2 int8 >= 3x hf fp32 on 2 cores); raw = translate_batch alone, without the engine's "
           "forced-eos rescoring pass")
+    if args.package:
+        package_table(args)
+
+
+def split_sources(data: str, split: str, max_len: int) -> list[list[int]]:
+    """Sources (ids + eos, cut to max_len) of a prepared folder's split, in corpus order."""
+    from data_pipeline import EOS_ID, Manifest, ShardStream
+
+    stream = ShardStream(Manifest.load(data).path, rank=0, world_size=1, seed=0, shuffle=False, split=split)
+    return [[int(t) for t in sample["src"]][: max_len - 1] + [EOS_ID] for sample in stream]
+
+
+def package_table(args: argparse.Namespace) -> None:
+    """Greedy on a trained package: hypotheses end by themselves; what the one-pass engine path saves."""
+    engine = load_engine(args.package, engine="ctranslate2", compute_type="int8", threads=args.threads)
+    sources = split_sources(args.data, args.split, engine.max_positions)
+    torch_engine = load_engine(args.package)
+    cfg = DecodingConfig(strategy="greedy", max_len_a=1.5, max_len_b=10)
+    rescore_all = DecodingConfig(strategy="greedy", max_len_a=1.5, max_len_b=10, min_len=2)
+    tokens = {}
+
+    def run(e, c, name):
+        hyps = e.decode(sources, c)
+        tokens[name] = [h[0].tokens for h in hyps]
+        return sum(len(h[0].tokens) for h in hyps)
+
+    def raw():
+        src = [[engine.vocab[i] for i in s] for s in sources]
+        out = engine.translator.translate_batch(src, beam_size=1, max_decoding_length=max(
+            cfg.length_limit(len(s)) for s in sources), min_decoding_length=0, max_input_length=0,
+            return_end_token=True)
+        return sum(len(r.hypotheses[0]) for r in out)
+
+    runners = {"ours fp32": lambda: run(torch_engine, cfg, "ours fp32"),
+               "ct2 int8 one pass": lambda: run(engine, cfg, "ct2 int8 one pass"),
+               "ct2 int8 rescore all": lambda: run(engine, rescore_all, "ct2 int8 rescore all"),
+               "ct2 int8 raw": raw}
+    rate, times = benchmark(runners, args.warmup, args.iters)
+    ended = sum(len(t) < cfg.length_limit(len(s)) for t, s in zip(tokens["ct2 int8 one pass"], sources))
+    same = sum(a == b for a, b in zip(tokens["ct2 int8 one pass"], tokens["ct2 int8 rescore all"]))
+    print(f"\ngreedy on {args.package} ({len(sources)} {args.split} sources; {ended} hypotheses end before their "
+          f"limit; one pass and rescore-all agree on {same}):")
+    print("".join(f" {n + ' tok/s':>25}" for n in runners) + f" {'one pass / rescore all':>23}")
+    print("".join(f" {rate[n]:>25.0f}" for n in runners)
+          + f" {rate['ct2 int8 one pass'] / rate['ct2 int8 rescore all']:>22.2f}x")
+    print("raw = translate_batch alone, one call with the largest limit, no scores")
+    beam = DecodingConfig(strategy="beam", beam_size=BEAM, max_len_a=1.5, max_len_b=10)
+    rate, _ = benchmark({"ours fp32": lambda: run(torch_engine, beam, "ours beam"),
+                         "ct2 int8": lambda: run(engine, beam, "ct2 beam")}, args.warmup, args.iters)
+    same = sum(a == b for a, b in zip(tokens["ours beam"], tokens["ct2 beam"]))
+    print(f"beam {BEAM} (length_penalty 0, same limits): ours fp32 {rate['ours fp32']:.0f} tok/s, ct2 int8 "
+          f"{rate['ct2 int8']:.0f} tok/s ({rate['ct2 int8'] / rate['ours fp32']:.2f}x); same best hypothesis for "
+          f"{same} of {len(sources)} sources (int8 vs fp32)")
 
 
 if __name__ == "__main__":

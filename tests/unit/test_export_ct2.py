@@ -78,10 +78,11 @@ class _CountingTranslator:
     """The engine's `ctranslate2.Translator`, counting the rows it rescores (score_batch)."""
 
     def __init__(self, translator):
-        self.translator, self.rescored = translator, 0
+        self.translator, self.rescored, self.calls = translator, 0, []
 
-    def translate_batch(self, *args, **kwargs):
-        return self.translator.translate_batch(*args, **kwargs)
+    def translate_batch(self, source, **kwargs):
+        self.calls.append(len(source))
+        return self.translator.translate_batch(source, **kwargs)
 
     def score_batch(self, source, target, **kwargs):
         self.rescored += len(target)
@@ -114,6 +115,37 @@ def test_greedy_rescores_only_cut_drafts_and_redoes_pad_bos_ones(tmp_path, pad_b
         assert g[0].score == pytest.approx(e[0].score, abs=1e-4)
         assert g[0].positional_scores == pytest.approx(e[0].positional_scores, abs=1e-5)
     assert ct2.translator.rescored == cut + pad_bos
+
+
+@pytest.mark.parametrize("max_len_a, max_len_b, merged", [(1.5, 6, [24]), (0.5, 3, None)],
+                         ids=["limits-far", "limits-tight"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_per_source_limits_decode_in_one_call_where_the_limit_is_not_reached(engines, strategy, max_len_a,
+                                                                             max_len_b, merged):
+    """Per-source limits (max_len_a/b): greedy decodes every source in one call at the largest limit and
+    cuts each draft at its own; beam does the same and decodes again, one call a limit, only the sources whose
+    search came within a token of their limit. Reference: our decoder's n-best lists (the best ones where
+    limits cut searches) and scores; far limits need one call, tight ones (most sources cut) more for beam."""
+    ours, ct2, _ = engines
+    rows = sources(24, seed=5, max_len=12)
+    cfg = DecodingConfig(strategy=strategy, beam_size=5, n_best=5, max_len_a=max_len_a, max_len_b=max_len_b)
+    assert len({cfg.length_limit(len(r)) for r in rows}) > 3
+    counting = ct2.translator = _CountingTranslator(ct2.translator)
+    try:
+        expected, got = ours.decode(rows, cfg), ct2.decode(rows, cfg)
+    finally:
+        ct2.translator = counting.translator
+    if merged:  # no search reaches its limit: whole n-best lists agree
+        assert _tokens(got) == _tokens(expected)
+    else:  # lower n-best ranks of searches cut at the limit may differ (module docstring), as without merging
+        got, expected = [hs[:1] for hs in got], [hs[:1] for hs in expected]
+        assert _tokens(got) == _tokens(expected)
+    for hs_got, hs_exp in zip(got, expected):
+        assert [g.score for g in hs_got] == pytest.approx([e.score for e in hs_exp], abs=1e-4)
+    if merged or strategy == "greedy":
+        assert counting.calls == [24]
+    else:
+        assert counting.calls[0] == 24 and 1 < len(counting.calls)
 
 
 def test_beam_with_length_penalty_best_equal(engines):
