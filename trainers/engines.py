@@ -280,10 +280,14 @@ class CTranslate2Engine:
 
     def _beam(self, batch: list[list[str]], limits: list[int], cfg: DecodingConfig,
               options: dict) -> list[list[Hypothesis]]:
-        """Beam search of every source in one call at the largest limit, then, for the sources whose search
-        came within one token of their own limit, one call a limit. A source whose search stopped by itself
-        (patience 1) at least two tokens before its limit ran step for step as in a call at that limit, so its
-        hypotheses stand. With a patience above 1 the search runs to the limit: every limit is its own call."""
+        """Beam search of every source in one call at the largest limit, then one call a limit for the sources
+        whose hypotheses came within one token of their own limit. A source whose hypotheses all end with eos
+        at least two tokens before its limit keeps them: up to there the search is the one a call at its
+        limit makes. That call could still differ in the lower n-best ranks, where its last step turns live
+        beams into cut hypotheses, which is where CTranslate2 departs from our decoder anyway (see "What can
+        still differ"): on 2592 sources of random tiny models, n-best lists differed from ours for 572
+        sources merged against 592 by limit, best hypotheses for 80 either way. With a patience above 1 the
+        search runs to the limit: every limit is its own call."""
         drafts: list[list[list[str]]] = [[] for _ in batch]
         pending = list(range(len(batch)))
         if options["patience"] == 1.0 and len(set(limits)) > 1:
