@@ -29,7 +29,7 @@ CONFIGS = [DecodingConfig(strategy="beam", beam_size=5, n_best=5, max_len_a=0.8,
 def by_limit(engine: CTranslate2Engine, rows: list[list[int]], cfg: DecodingConfig) -> list:
     """The engine's decode, one call a limit (each call sees one limit, so nothing is merged)."""
     out: list = [None] * len(rows)
-    limits = [min(cfg.length_limit(len(r)), engine.max_positions) for r in rows]
+    limits = engine.limits(rows, cfg)
     for limit in sorted(set(limits)):
         index = [i for i, n in enumerate(limits) if n == limit]
         for i, hyps in zip(index, engine.decode([rows[i] for i in index], cfg)):

@@ -431,7 +431,7 @@ def report_filters(read: int, drops: dict[str, int], kept: int) -> dict:
 
 
 def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: Path, max_documents: int,
-               dedup: bool, shard_samples: int, sample_bytes: int, tokenizer: Callable[[Runner, list], str],
+               dedup: bool, shard_samples: int, sample_bytes: int, tokenizer: Callable[[Runner, list], Any],
                encoding: Callable[[str], EncodeSpec], progress: bool, part_bytes: int = 0) -> CorpusResult:
     """Every stage for `files`; `tokenizer(runner, sample_refs)` submits tokenizer.json (trained on the
     sample, or the given one; `runner.get` of what it returns gives the JSON), `encoding(tok_json)` the

@@ -213,12 +213,16 @@ class CTranslate2Engine:
         if cfg.min_len > self.max_positions:
             raise ValueError(f"decoding.min_len: {cfg.min_len} exceeds the model's max_positions={self.max_positions}")
         batch = [[self.vocab[i] for i in s] for s in sources]
-        limits = [min(cfg.length_limit(len(s)), self.max_positions) for s in sources]
+        limits = self.limits(sources, cfg)
         if not sources:
             return []
         if cfg.strategy == "greedy":
             return self._greedy(batch, limits, cfg, options)
         return self._beam(batch, limits, cfg, options)
+
+    def limits(self, sources: Sequence[Sequence[int]], cfg: DecodingConfig) -> list[int]:
+        """Each source's length limit (`cfg.length_limit`), capped at the model's max_positions."""
+        return [min(cfg.length_limit(len(s)), self.max_positions) for s in sources]
 
     # --- greedy: one call for every limit ------------------------------------------------------------------
 
