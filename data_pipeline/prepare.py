@@ -434,7 +434,7 @@ def tokenize_chunk(tok_json: str, rows: list[Row], dtype: str, sample_tokens: in
 def manifest_data(plan: Plan, staging: Path, written: dict[str, list[WrittenShard]], specials: Specials,
                   dtype: str, vocab_size: int, documents: dict[str, int], extra: dict | None = None) -> dict:
     shards = [{"path": f"{SHARDS_DIR}/{w.path.name}", "split": split, "samples": w.samples, "tokens": w.tokens,
-               "bytes": w.path.stat().st_size, "sha256": sha256_file(w.path)}
+               "bytes": w.path.stat().st_size, "sha256": w.sha256 or sha256_file(w.path)}
               for split in SPLITS for w in written.get(split, [])]
     splits = {split: {"num_samples": sum(s["samples"] for s in shards if s["split"] == split),
                       "num_tokens": sum(s["tokens"] for s in shards if s["split"] == split),

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,7 +36,7 @@ from .chunks import token_chunks
 from .filters import FILTERS
 from .formats import ReadSpec, Record, SourceFile, records
 from .parts import parts_of, splittable
-from .shards import END_OF_ARCHIVE, WrittenShard, sha256_file, tar_sample
+from .shards import END_OF_ARCHIVE, WrittenShard, tar_sample
 from .sources import SPLITS
 from .tokenizer import encode_texts, shared_tokenizer
 
@@ -359,15 +359,19 @@ def _sample_fields(key: str, s, t, enc: EncodeSpec) -> Iterator[tuple[str, dict]
 
 def write_shard(path: str, slices: list[tuple[int, int]], *pieces: Piece) -> tuple[int, int, int, str]:
     """Stage `write`: samples [a, b) of each piece, concatenated and closed into the tar file `path`;
-    returns (samples, tokens, bytes, sha256)."""
+    returns (samples, tokens, bytes, sha256), the hash taken as the bytes are written."""
     samples = tokens = 0
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for (a, b), piece in zip(slices, pieces):
-            f.write(memoryview(piece.data)[piece.offsets[a]:piece.offsets[b]])
-            samples += b - a
-            tokens += sum(piece.tokens[a:b])
-        f.write(END_OF_ARCHIVE)
-    return samples, tokens, Path(path).stat().st_size, sha256_file(path)
+        chunks = [memoryview(p.data)[p.offsets[a]:p.offsets[b]] for (a, b), p in zip(slices, pieces)]
+        for chunk in (*chunks, END_OF_ARCHIVE):
+            f.write(chunk)
+            digest.update(chunk)
+        size = f.tell()
+    for (a, b), piece in zip(slices, pieces):
+        samples += b - a
+        tokens += sum(piece.tokens[a:b])
+    return samples, tokens, size, digest.hexdigest()
 
 
 class ShardCutter:
@@ -548,27 +552,30 @@ def deduplicate(hashes: list, origins: np.ndarray, entries: int, runner: Runner,
 
 def encode_and_write(files, origins: np.ndarray, spec, caps, verdicts: list, enc: EncodeSpec, drop_refs: list,
                      runner: Runner, out: Path, total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
-    """Encode every file (in file order) and cut each split's pieces into shards as they arrive."""
+    """Encode every file (in file order) and cut each split's pieces into shards as they arrive. The encode
+    settings (the tokenizer's JSON) go to the object store once, not once a task; the written shards are
+    collected while encoding goes on, so the driver holds at most a window of write references."""
     cutters = {s: ShardCutter(s, enc.shard_samples, out) for s in SPLITS}
-    writes: dict[str, list[tuple[str, Any]]] = {s: [] for s in SPLITS}  # (shard path, result ref)
+    written: dict[str, list[WrittenShard]] = {s: [] for s in SPLITS}
+    pending: deque[tuple[str, str, Any]] = deque()  # (split, shard path, result ref), in submission order
+    enc_ref = runner.put(enc)
+    jobs = [(tuple(o), f, spec, c, enc_ref, v, *drop_refs)
+            for o, f, c, v in zip(origins.tolist(), files, caps, verdicts)]
+    with bar("tokenize", total, "sample", progress) as tb, bar("write", None, "shard", progress) as wb:
+        def write(split: str, jobs: list[tuple], keep: int) -> None:
+            pending.extend((split, job[0], runner.submit(write_shard, *job, here=True)) for job in jobs)
+            while len(pending) > keep:  # a split's shards finish in the order they were submitted
+                split, path, ref = pending.popleft()
+                samples, tokens, _, sha = runner.get(ref)
+                written[split].append(WrittenShard(Path(path), samples, tokens, sha))
+                wb.update(1)
 
-    def write(split: str, jobs: list[tuple]) -> None:
-        writes[split] += [(job[0], runner.submit(write_shard, *job, here=True)) for job in jobs]
-
-    jobs = [(tuple(o), f, spec, c, enc, v, *drop_refs) for o, f, c, v in zip(origins.tolist(), files, caps, verdicts)]
-    with bar("tokenize", total, "sample", progress) as tb:
         for gen in runner.windowed(encode_file, jobs, num_returns="streaming"):
             for meta in gen:
                 split, n = runner.get(meta)
-                write(split, cutters[split].add(next(gen), n))
+                write(split, cutters[split].add(next(gen), n), 2 * runner.tasks)
                 tb.update(n)
-    for split, cutter in cutters.items():
-        write(split, cutter.flush())
-    written: dict[str, list[WrittenShard]] = {s: [] for s in SPLITS}
-    with bar("write", sum(map(len, writes.values())), "shard", progress) as wb:
-        for split in SPLITS:
-            for path, ref in writes[split]:
-                samples, tokens, _, _ = runner.get(ref)
-                written[split].append(WrittenShard(Path(path), samples, tokens))
-                wb.update(1)
+        for split, cutter in cutters.items():
+            write(split, cutter.flush(), 2 * runner.tasks)
+        write("", [], 0)
     return written

@@ -102,6 +102,8 @@ class WrittenShard:
     path: Path
     samples: int
     tokens: int
+    sha256: str = ""
+    """Computed as the shard was written, where the writer did (the manifest hashes the others)."""
 
 
 class SplitWriter:

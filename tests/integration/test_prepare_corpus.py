@@ -74,6 +74,9 @@ def test_two_task_counts_in_two_processes_give_the_same_bytes(corpus, tmp_path):
                                vocab_size=400, num_sentinels=4, shard_samples=50, doc_lines=20,
                                tokenizer_sample_bytes=20000), progress=False, use_ray=False)
     assert digests(local.folder) == a  # in-process: the same bytes again
+    written = json.loads((tmp_path / "out1" / "manifest.json").read_text())["shards"]
+    assert [(s["sha256"], s["bytes"]) for s in written] == [  # hashed as the write tasks wrote them
+        (a[s["path"]], (tmp_path / "out1" / s["path"]).stat().st_size) for s in written]
     data = local.data
     assert data["filters"]["dropped"]["dedup"] == 5 * 40  # the shared lines are kept once, in part0
     assert data["filters"]["kept"] == 6 * 150 + 40 == data["num_samples"]
