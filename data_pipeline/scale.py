@@ -2,8 +2,10 @@
 
     scan     one task a file: read, filter, split; returns counts, a (hash, position) array for the
              de-duplication, and the file's bottom-k sample for the tokenizer (by content hash)
-    dedup    one task a hash partition (hash mod P): sorts its entries by (hash, file, position) and
-             drops all but the first of each hash; returns the dropped (file, position) pairs
+    dedup    one task a hash range (P equal ranges of the hash's first 64 bits): each file's table comes
+             sorted by hash, so a task reads only its slice of every table; it sorts its entries by
+             (hash, file, position) and drops all but the first of each hash; returns the dropped
+             (file, position) pairs
     train    (when no tokenizer is given) a tree of merge tasks, then one training task: the globally
              smallest content hashes whose text adds up to `data.tokenizer_sample_bytes`, in hash order
     encode   one streaming task a file: reads the file again, drops the duplicates, tokenizes in batches
@@ -19,6 +21,7 @@ memory holds object references, one counter row per file and at most a shard's w
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import os
@@ -43,8 +46,9 @@ from .tokenizer import encode_texts, shared_tokenizer
 HASH_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<u8"), ("split", "u1")])
 DROP_DTYPE = np.dtype([("file", "<u4"), ("pos", "<u8")])
 ENCODE_BATCH = 1024
-PARTITION_ENTRIES = 4_000_000
-"""About how many hashes one dedup task sorts (~100 MB): the partition count follows the corpus size."""
+PARTITION_ENTRIES = 1_000_000
+"""About how many hashes one dedup task sorts (~25 MB, ~80 MB at its peak): the partition count follows the
+corpus size, so that a worker's memory does not."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ class BottomK:
 
 
 def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int):
-    """Stage `scan` (4 returns): ScanSummary, the (hash, position, split) array, the tokenizer sample, and the
+    """Stage `scan` (4 returns): ScanSummary, the (hash, position, split) array sorted by hash, the tokenizer sample, and the
     filters' verdict on every item read (`formats.records`; 4 bytes an item), so that `encode` need not
     run the filters again."""
     drops: Counter = Counter()
@@ -186,6 +190,7 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int)
     table = np.zeros(len(cols[0]), HASH_DTYPE)
     for name, col in zip(HASH_DTYPE.names, cols):
         table[name] = np.frombuffer(col, dtype=table.dtype[name]) if len(col) else 0
+    table = table[np.lexsort((table["pos"], table["lo"], table["hi"]))]
     return summary, table, sample.items(), np.frombuffer(verdicts, dtype=np.uint32)
 
 
@@ -193,12 +198,14 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int)
 
 
 def dedup_partition(part: int, parts: int, origins: np.ndarray, *hashes: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Stage `dedup`: the (file, position) of every duplicate of partition `part`, sorted, and their count
-    per split. The first occurrence (lowest file, then position) of a hash is kept. `hashes[i]` is the table
-    of part i, whose (file, first position) is `origins[i]`."""
+    """Stage `dedup`: the (file, position) of every duplicate of hash range `part` of `parts`, sorted, and
+    their count per split. The first occurrence (lowest file, then position) of a hash is kept. `hashes[i]`
+    is the table of part i (sorted by hash), whose (file, first position) is `origins[i]`."""
+    start, end = hash_range(part, parts)
     chunks = []
     for (owner, first), arr in zip(origins.tolist(), hashes):
-        sel = arr[arr["lo"] % parts == part]
+        keys = arr["hi"]  # a view: bisect reads ~log2(n) entries of it
+        sel = arr[bisect.bisect_left(keys, start):len(keys) if end is None else bisect.bisect_left(keys, end)]
         if first:
             sel = sel.copy()
             sel["pos"] += np.uint64(first)
@@ -209,12 +216,18 @@ def dedup_partition(part: int, parts: int, origins: np.ndarray, *hashes: np.ndar
     files = np.concatenate([c[1] for c in chunks])
     order = np.lexsort((entries["pos"], files, entries["lo"], entries["hi"]))
     e, f = entries[order], files[order]
+    del entries, files, order
     dup = np.zeros(len(e), dtype=bool)
     dup[1:] = (e["hi"][1:] == e["hi"][:-1]) & (e["lo"][1:] == e["lo"][:-1])
     drops = np.zeros(int(dup.sum()), DROP_DTYPE)
     drops["file"], drops["pos"] = f[dup], e["pos"][dup]
     drops.sort(order=["file", "pos"])
     return drops, np.bincount(e["split"][dup], minlength=3).tolist()
+
+
+def hash_range(part: int, parts: int) -> tuple[int, int | None]:
+    """[start, end) of the first 64 bits of the hashes of range `part` of `parts` (None: to the end)."""
+    return (part << 64) // parts, ((part + 1) << 64) // parts if part + 1 < parts else None
 
 
 def dropped_positions(file_index: int, drop_arrays: tuple[np.ndarray, ...]) -> set[int]:

@@ -17,6 +17,7 @@ from array import array
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -24,6 +25,7 @@ from data_pipeline import DataConfig, Manifest, ShardStream, detokenize, load_to
 from data_pipeline.config import FieldsConfig
 from data_pipeline.filters import TextFilter, filter_text, text_units
 from data_pipeline.formats import ReadSpec, list_sources, records, split_of
+from data_pipeline import scale
 from data_pipeline.scale import BottomK, Runner, merged_sample, reduce_samples, split_files
 from data_pipeline.tokenizer import encode_texts, train_tokenizer
 
@@ -382,6 +384,33 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
         parts[i % 9].add(h, texts)
     tree = reduce_samples(Runner(use_ray=False), budget, [p.items() for p in parts], fan_in=2)
     assert [t for _, texts, _ in tree[0] for t in texts] == one  # merged as a tree of small merges
+
+
+def test_dedup_over_hash_ranges_keeps_the_first_of_each_hash_whatever_the_range_count():
+    """Against a plain dict: first occurrence in (file, position) order kept; hashes at the ranges' edges."""
+    rng = random.Random(1)
+    edges = [0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) // 3, (1 << 64) - 1]
+    pool = [(rng.choice(edges + [rng.getrandbits(64)]), rng.getrandbits(64) % 5) for _ in range(300)]
+    parts, origins, expected, seen, counts = [], [], set(), set(), [0, 0, 0]
+    for owner, first in [(0, 0), (1, 0), (1, 70), (2, 0), (3, 0)]:  # file 1 read as two parts
+        rows = [(*rng.choice(pool), first + pos, rng.randrange(3)) for pos in range(rng.randint(0, 90))]
+        for hi, lo, pos, split in rows:
+            if (hi, lo) in seen:
+                expected.add((owner, pos))
+                counts[split] += 1
+            seen.add((hi, lo))
+        table = np.array([(hi, lo, pos - first, split) for hi, lo, pos, split in rows], dtype=scale.HASH_DTYPE)
+        parts.append(table[np.lexsort((table["pos"], table["lo"], table["hi"]))])
+        origins.append((owner, first))
+    origins = np.array(origins, dtype=np.uint64)
+    for ranges in (1, 2, 3, 7):
+        got, dups = set(), [0, 0, 0]
+        for r in range(ranges):
+            drops, n = scale.dedup_partition(r, ranges, origins, *parts)
+            assert drops.tolist() == sorted(drops.tolist())
+            got |= {(int(f), int(p)) for f, p in drops.tolist()}
+            dups = [a + b for a, b in zip(dups, n)]
+        assert got == expected and dups == counts and len(expected) > 100
 
 
 # --- object storage ----------------------------------------------------------------------------------------
