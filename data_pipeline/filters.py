@@ -60,17 +60,20 @@ def no_space_char(c: str) -> bool:
     return any(lo <= code <= hi for lo, hi in _NO_SPACE_SCRIPTS)
 
 
-def text_units(text: str) -> int:
-    """Length in words, each character of a script written without spaces counting as one word."""
+def text_units(text: str, words: int = -1) -> int:
+    """Length in words, each character of a script written without spaces counting as one word. `words`:
+    len(text.split()), where the caller knows it."""
     if text.isascii() or not _NO_SPACE_RE.search(text):  # isascii is O(1): CPython records it
-        return len(text.split())
+        return words if words >= 0 else len(text.split())
     return len(_UNIT.findall(text))
 
 
-def alpha_share(text: str, enough: float = 1.0) -> float:
+def alpha_share(text: str, enough: float = 1.0, visible: int = -1) -> float:
     """Share of letters and combining marks among the non-space characters; stops early (returning a value
-    >= `enough`) when the letters alone reach `enough`, which needs no per-character lookup."""
-    visible = len(text) - sum(map(text.count, " \t\n\r\f\v"))
+    >= `enough`) when the letters alone reach `enough`, which needs no per-character lookup. `visible`:
+    the non-space characters, where the caller knows them."""
+    if visible < 0:
+        visible = len(text) - sum(map(text.count, " \t\n\r\f\v"))
     if not visible:
         return 0.0
     if text.isascii():  # letters are A-Z, a-z: count them in C
@@ -94,14 +97,16 @@ def rejected_by(block: str, f: TextFilter) -> str | None:
 
 def _judged(block: str, f: TextFilter) -> tuple[str | None, str, int]:
     """(the first filter that drops `block` or None, its normalized text, its units: -1 if not counted)."""
-    text = " ".join(block.split())
+    words = block.split()
+    text = " ".join(words)
     if not text:
         return "empty", text, -1
     if f.drop_code and looks_like_code(block):
         return "drop_code", text, -1
-    if f.min_alpha and alpha_share(text, f.min_alpha) < f.min_alpha:
+    # `text` is words joined by single spaces: its non-space characters are all but len(words) - 1
+    if f.min_alpha and alpha_share(text, f.min_alpha, len(text) - len(words) + 1) < f.min_alpha:
         return "min_alpha", text, -1
-    units = text_units(text)
+    units = text_units(text, len(words))
     return ("min_words" if units < f.min_words else None), text, units
 
 

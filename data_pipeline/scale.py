@@ -39,7 +39,7 @@ from .chunks import token_chunks
 from .filters import FILTERS
 from .formats import ReadSpec, Record, SourceFile, records
 from .parts import parts_of, splittable
-from .shards import END_OF_ARCHIVE, WrittenShard, tar_sample
+from .shards import END_OF_ARCHIVE, WrittenShard, tar_samples
 from .sources import SPLITS
 from .tokenizer import encode_texts, shared_tokenizer
 
@@ -138,8 +138,11 @@ def bar(desc: str, total: int | None, unit: str, progress: bool):
 def content_hash(rec: Record) -> tuple[int, int]:
     """128-bit hash of the text, case and whitespace ignored (what de-duplication compares)."""
     norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold()
-    d = hashlib.blake2b(norm.encode(), digest_size=16).digest()
-    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+    h = int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=16).digest(), "little")
+    return h & _LOW64, h >> 64  # the digest's first 8 bytes, then its last 8, each read little-endian
+
+
+_LOW64 = (1 << 64) - 1
 
 
 class BottomK:
@@ -176,13 +179,17 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int)
     samples, docs = [0, 0, 0], [set(), set(), set()]
     sample = BottomK(sample_bytes)
     cols = [array("Q"), array("Q"), array("Q"), array("B")]  # hi, lo, pos, split: 25 bytes a sample
+    add_hi, add_lo, add_pos, add_split = (col.append for col in cols)
+    split_index = {name: i for i, name in enumerate(SPLITS)}
     for rec in records(src, spec, drops, max_docs=max_docs, verdicts=verdicts):
-        s = SPLITS.index(rec.split)
+        s = split_index[rec.split]
         samples[s] += 1
         docs[s].add(rec.doc)
         h = content_hash(rec)
-        for col, value in zip(cols, (*h, rec.pos, s)):
-            col.append(value)
+        add_hi(h[0])
+        add_lo(h[1])
+        add_pos(rec.pos)
+        add_split(s)
         if rec.split == "train" and sample_bytes:
             sample.add(h, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt))
     read = drops.pop("read", 0)
@@ -285,10 +292,11 @@ class Piece:
     offsets: list[int] = field(default_factory=lambda: [0])
     tokens: list[int] = field(default_factory=list)
 
-    def add(self, member: bytes, n_tokens: int) -> None:
-        self.data += member
-        self.offsets.append(len(self.data))
-        self.tokens.append(n_tokens)
+    def extend(self, data: np.ndarray, ends: np.ndarray, tokens: list[int]) -> None:
+        """Samples whose tar bytes are `data`, the k-th ending at `ends[k]` (an offset into `data`)."""
+        self.offsets += (ends + len(self.data)).tolist()
+        self.data += memoryview(data)  # not `+= data`: that would be numpy's addition
+        self.tokens += tokens
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -302,16 +310,16 @@ def encode_file(origin: tuple[int, int], src: SourceFile, spec: ReadSpec, max_do
     _one_thread_in_a_task()
     tok = shared_tokenizer(enc.tok_json)
     index, first = origin
-    dropped = dropped_positions(index, drop_arrays)
+    dropped = {p - first for p in dropped_positions(index, drop_arrays)}  # as `records` counts: from the part's start
     open_pieces = {s: Piece(s) for s in SPLITS}
     batch: list[Record] = []
-    recs = (r._replace(pos=first + r.pos) for r in records(src, spec, Counter(), max_docs=max_docs, known=verdicts))
+    recs = records(src, spec, Counter(), max_docs=max_docs, known=verdicts)
     for rec in _rows(recs, dropped, enc.sample_tokens):
         batch.append(rec)
         if len(batch) >= ENCODE_BATCH:
-            yield from _encode_batch(tok, index, batch, enc, open_pieces)
+            yield from _encode_batch(tok, origin, batch, enc, open_pieces)
             batch = []
-    yield from _encode_batch(tok, index, batch, enc, open_pieces)
+    yield from _encode_batch(tok, origin, batch, enc, open_pieces)
     for piece in open_pieces.values():
         if len(piece):
             yield piece.split, len(piece)
@@ -342,21 +350,38 @@ def _rows(recs: Iterator[Record], dropped: set[int], sample_tokens: int) -> Iter
         yield doc[0]._replace(tgt=" ".join(r.tgt for r in doc))
 
 
-def _encode_batch(tok, index: int, batch: list[Record], enc: EncodeSpec, pieces: dict[str, Piece]) -> Iterator:
+def _encode_batch(tok, origin: tuple[int, int], batch: list[Record], enc: EncodeSpec,
+                  pieces: dict[str, Piece]) -> Iterator:
+    """The batch's samples, tokenized and as tar bytes, appended to its split's piece; yields full pieces. A
+    sample's key is its file index and its position in the file (`origin[1]` + its position in the part)."""
     if not batch:
         return
+    index, first = origin
     tgt = encode_texts(tok, [r.tgt for r in batch])
     has_src = batch[0].src is not None
     src = encode_texts(tok, [r.src for r in batch]) if has_src else [None] * len(batch)
+    keys, fields, splits = [], [], []
     for rec, s, t in zip(batch, src, tgt):
-        key = f"{index:06d}-{rec.pos:09d}"
-        for sample_key, fields in _sample_fields(key, s, t, enc):
-            piece = pieces[rec.split]
-            piece.add(tar_sample(sample_key, fields, enc.dtype), sum(len(v) for v in fields.values()))
-            if len(piece) == enc.shard_samples:
-                yield piece.split, len(piece)
-                yield piece
-                pieces[rec.split] = Piece(rec.split)
+        for sample_key, sample in _sample_fields(f"{index:06d}-{first + rec.pos:09d}", s, t, enc):
+            keys.append(sample_key)
+            fields.append(sample)
+            splits.append(rec.split)
+    data, ends = tar_samples(keys, fields, enc.dtype)
+    starts = np.concatenate(([0], ends[:-1]))
+    tokens = [sum(map(len, f.values())) for f in fields]
+    i = 0
+    while i < len(keys):  # runs of one split, each up to where its piece is full
+        split = splits[i]
+        piece = pieces[split]
+        j, stop = i + 1, min(len(keys), i + enc.shard_samples - len(piece))
+        while j < stop and splits[j] == split:
+            j += 1
+        piece.extend(data[starts[i]:ends[j - 1]], ends[i:j] - starts[i], tokens[i:j])
+        if len(piece) == enc.shard_samples:
+            yield split, len(piece)
+            yield piece
+            pieces[split] = Piece(split)
+        i = j
 
 
 def _sample_fields(key: str, s, t, enc: EncodeSpec) -> Iterator[tuple[str, dict]]:

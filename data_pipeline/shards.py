@@ -20,6 +20,7 @@ import os
 import struct
 import tarfile
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Iterable
 
@@ -66,6 +67,51 @@ def tar_sample(key: str, fields: dict[str, np.ndarray], dtype: str) -> bytes:
             out += ustar_header(f"{key}.{name}".encode(), len(data))
             out += data + bytes(-len(data) % BLOCK)
     return bytes(out)
+
+
+def tar_samples(keys: list[str], fields: list[dict[str, list[int]]], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """`tar_sample` of many samples at once, in one byte array, and the offset where each sample ends. The same
+    bytes, built with whole-batch array operations (headers, checksums, payload placement) instead of a
+    few Python calls per member: the prepare hot path (parity with `tar_sample` in the tests)."""
+    suffix = SUFFIX_OF_DTYPE[dtype]
+    itemsize = DTYPE_OF_SUFFIX[suffix].itemsize
+    names = [f"{key}.{name}.{suffix}".encode() for key, f in zip(keys, fields) for name in f]
+    lists = [ids for f in fields for ids in f.values()]
+    if not names:
+        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    longest = max(map(len, names))
+    if longest > 100:
+        raise ValueError(f"tar member name over 100 bytes: {max(names, key=len)!r}")
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    payload = np.fromiter(chain.from_iterable(lists), dtype=DTYPE_OF_SUFFIX[suffix], count=int(lengths.sum()))
+    payload = payload.view(np.uint8)
+    sizes = lengths * itemsize
+    blocks = 1 + -(-sizes // BLOCK)  # the header, then the payload padded to whole blocks
+    starts = np.concatenate(([0], np.cumsum(blocks)[:-1])) * BLOCK
+    out = np.zeros(int(blocks.sum()) * BLOCK, dtype=np.uint8)
+    out.reshape(-1, BLOCK)[starts // BLOCK] = _headers(names, longest, sizes)
+    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    out[np.repeat(starts + BLOCK - first, sizes) + np.arange(len(payload))] = payload
+    per_sample = np.add.reduceat(blocks, np.cumsum([0] + [len(f) for f in fields[:-1]]))
+    return out, np.cumsum(per_sample) * BLOCK
+
+
+def _headers(names: list[bytes], longest: int, sizes: np.ndarray) -> np.ndarray:
+    """`ustar_header(name, size)` of every member, as rows of a (members, 512) array."""
+    h = np.tile(np.frombuffer(_HEADER_TEMPLATE, dtype=np.uint8), (len(names), 1))
+    h[:, :longest] = np.frombuffer(b"".join(n.ljust(longest, b"\0") for n in names), dtype=np.uint8).reshape(-1, longest)
+    h[:, 124:135] = _octal(sizes, 11)  # then the size field's NUL, as in the template
+    h[:, 135] = 0
+    checksum = h.sum(axis=1, dtype=np.int64)  # the checksum field counts as 8 spaces (the template's)
+    h[:, 148:154] = _octal(checksum, 6)
+    h[:, 154:156] = (0, ord(" "))
+    return h
+
+
+def _octal(values: np.ndarray, digits: int) -> np.ndarray:
+    """Zero-padded octal digits (ASCII) of each value, a row each."""
+    shifts = 3 * np.arange(digits - 1, -1, -1)
+    return ((values[:, None] >> shifts) & 7).astype(np.uint8) + ord("0")
 
 
 def ustar_header(name: bytes, size: int) -> bytes:

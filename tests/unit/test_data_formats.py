@@ -449,6 +449,26 @@ def test_fast_tar_headers_equal_tarfiles():
         assert ustar_header(name.encode(), size) == info.tobuf(format=tarfile.USTAR_FORMAT)
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_batched_tar_samples_equal_one_at_a_time(dtype):
+    """The batch builder (whole-batch arrays) against `tar_sample` (itself checked against tarfile above):
+    empty, one-block and many-block payloads, keys of several lengths, src+tgt and tgt-only samples."""
+    from data_pipeline.shards import tar_sample, tar_samples
+
+    rng = random.Random(dtype)
+    top = 2**16 - 1 if dtype == "uint16" else 2**32 - 1
+    keys = [f"{rng.randrange(10**6):06d}-{rng.randrange(10**9):09d}" + "-0003" * rng.randrange(2) for _ in range(300)]
+    fields = [{name: [rng.choice((0, 1, top, rng.randrange(top))) for _ in range(rng.choice((0, 1, 30, 256, 257, 900)))]
+               for name in rng.choice((("tgt",), ("src", "tgt")))} for _ in keys]
+    one_by_one = [tar_sample(k, f, dtype) for k, f in zip(keys, fields)]
+    data, ends = tar_samples(keys, fields, dtype)
+    assert data.tobytes() == b"".join(one_by_one)
+    assert ends.tolist() == np.cumsum([len(b) for b in one_by_one]).tolist()
+    assert tar_samples([], [], dtype)[0].size == 0
+    with pytest.raises(ValueError, match="over 100 bytes"):
+        tar_samples(["k" * 95], [{"tgt": [1]}], dtype)
+
+
 def test_max_documents_keeps_the_first_documents_of_the_corpus(tmp_path):
     for i in range(4):
         (tmp_path / f"f{i}.txt").write_text("\n".join(f"line {i} {j} with a few more words" for j in range(30)) + "\n")
