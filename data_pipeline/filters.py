@@ -63,9 +63,12 @@ def no_space_char(c: str) -> bool:
 def text_units(text: str, words: int = -1) -> int:
     """Length in words, each character of a script written without spaces counting as one word. `words`:
     len(text.split()), where the caller knows it."""
-    if text.isascii() or not _NO_SPACE_RE.search(text):  # isascii is O(1): CPython records it
+    if text.isascii():  # isascii is O(1): CPython records it
         return words if words >= 0 else len(text.split())
-    return len(_UNIT.findall(text))
+    # each such character one unit, then the words left between them: `_UNIT`'s matches, counted without
+    # making a string of each character
+    spaced, chars = _NO_SPACE_RE.subn(" ", text)
+    return chars + (words if not chars and words >= 0 else len(spaced.split()))
 
 
 def alpha_share(text: str, enough: float = 1.0, visible: int = -1) -> float:

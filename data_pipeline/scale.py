@@ -30,6 +30,7 @@ import warnings
 from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -147,27 +148,41 @@ _LOW64 = (1 << 64) - 1
 
 class BottomK:
     """The train texts with the smallest content hashes, at most `budget` bytes: a prefix of the hash
-    order, so a global prefix can be merged from per-file ones whatever the number of files."""
+    order, so a global prefix can be merged from per-file ones whatever the number of files. Each hash's
+    first texts count. Texts are buffered and cut back to the budget when the buffer reaches twice the
+    budget (a sort a cut), not kept in a heap a text."""
 
     def __init__(self, budget: int):
-        self.budget, self.bytes, self.heap, self.seen = budget, 0, [], set()
-        self.limit: tuple[int, int] | None = None  # the smallest hash ever evicted: nothing above it may enter
+        self.budget, self.bytes, self.buffer = budget, 0, []
+        self.limit: tuple[int, int] | None = None  # the smallest hash ever cut: nothing at or above it may enter
 
     def add(self, h: tuple[int, int], texts: tuple[str, ...]) -> None:
-        if h in self.seen or (self.limit is not None and h >= self.limit):
+        if self.limit is not None and h >= self.limit:
             return
         size = sum(len(t.encode()) for t in texts)
-        heapq.heappush(self.heap, ((-h[0], -h[1]), texts, size))
-        self.seen.add(h)
+        self.buffer.append((h, texts, size))
         self.bytes += size
-        while self.bytes > self.budget:
-            (a, b), _, gone = heapq.heappop(self.heap)
-            self.limit = (-a, -b) if self.limit is None else min(self.limit, (-a, -b))
-            self.seen.discard((-a, -b))
-            self.bytes -= gone
+        if self.bytes > 2 * self.budget:
+            self.buffer = self._prefix()
+            self.bytes = sum(n for _, _, n in self.buffer)
+
+    def _prefix(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
+        """The longest prefix of the distinct hashes in order whose texts fit the budget; sets `limit`."""
+        self.buffer.sort(key=itemgetter(0))  # stable: a hash's first texts come first
+        out, used, last = [], 0, None
+        for item in self.buffer:
+            if item[0] == last:
+                continue
+            if used + item[2] > self.budget:
+                self.limit = item[0] if self.limit is None else min(self.limit, item[0])
+                break
+            out.append(item)
+            used += item[2]
+            last = item[0]
+        return out
 
     def items(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
-        return sorted(((-a, -b), t, n) for (a, b), t, n in self.heap)
+        return self._prefix()
 
 
 def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int):
@@ -285,18 +300,28 @@ def train_from_sample(train: Callable[[list[str]], str], budget: int, *samples: 
 
 @dataclass
 class Piece:
-    """Consecutive samples of one split of one file, as tar bytes (no end marker)."""
+    """Consecutive samples of one split of one file, as tar bytes (no end marker). `data` is a numpy byte
+    array, which Ray passes out of band: one copy into the object store, none out of it (a `write` task
+    reads it in place), where a bytearray was pickled in band and copied again on each side."""
 
     split: str
-    data: bytearray = field(default_factory=bytearray)
+    data: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
     offsets: list[int] = field(default_factory=lambda: [0])
     tokens: list[int] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list, repr=False)
+    """Byte runs not yet joined into `data` (`sealed`)."""
 
     def extend(self, data: np.ndarray, ends: np.ndarray, tokens: list[int]) -> None:
         """Samples whose tar bytes are `data`, the k-th ending at `ends[k]` (an offset into `data`)."""
-        self.offsets += (ends + len(self.data)).tolist()
-        self.data += memoryview(data)  # not `+= data`: that would be numpy's addition
+        self.offsets += (ends + self.offsets[-1]).tolist()
+        self.chunks.append(data)
         self.tokens += tokens
+
+    def sealed(self) -> "Piece":
+        """The piece with its runs joined into `data`, ready to leave the task."""
+        self.data = np.concatenate([self.data, *self.chunks]) if self.chunks else self.data
+        self.chunks = []
+        return self
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -323,7 +348,7 @@ def encode_file(origin: tuple[int, int], src: SourceFile, spec: ReadSpec, max_do
     for piece in open_pieces.values():
         if len(piece):
             yield piece.split, len(piece)
-            yield piece
+            yield piece.sealed()
 
 
 def _one_thread_in_a_task() -> None:
@@ -379,7 +404,7 @@ def _encode_batch(tok, origin: tuple[int, int], batch: list[Record], enc: Encode
         piece.extend(data[starts[i]:ends[j - 1]], ends[i:j] - starts[i], tokens[i:j])
         if len(piece) == enc.shard_samples:
             yield split, len(piece)
-            yield piece
+            yield piece.sealed()
             pieces[split] = Piece(split)
         i = j
 

@@ -210,6 +210,51 @@ def test_length_counts_characters_for_scripts_without_spaces():
         == [6, 6]
 
 
+
+def test_units_and_letter_share_agree_with_their_definitions_on_mixed_scripts():
+    """Against the definitions: a unit is a character of a script without spaces or a run of other
+    non-space characters; the letter share counts categories L and M among non-space characters."""
+    import re
+    import unicodedata
+
+    from data_pipeline.filters import _NO_SPACE, _judged, alpha_share
+
+    unit = re.compile(f"[{_NO_SPACE}]|[^\\s{_NO_SPACE}]+")
+    rng = random.Random(3)
+    alphabet = "ab Z 1 我们今天 ひらがな カタカナ ไทย ລາວ ကမ ខ្មែរ 𠀀 ذهب é \t\u3000\xa0\u2003\x1c.,!中"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert text_units(text) == len(unit.findall(text)), text
+        normal = " ".join(text.split())
+        visible = [c for c in normal if not c.isspace()]
+        share = sum(unicodedata.category(c)[0] in "LM" for c in visible) / len(visible) if visible else 0.0
+        assert alpha_share(normal) == pytest.approx(share), text
+        reason, joined, units = _judged(text, TextFilter(min_words=3, min_alpha=0.0, drop_code=False))
+        assert joined == normal and (units == len(unit.findall(normal)) or reason == "empty"), text
+
+
+def test_the_per_file_tokenizer_sample_is_the_budget_prefix_of_its_distinct_hashes():
+    """BottomK (buffered, cut when it doubles the budget) against its definition: distinct hashes in order,
+    each with the texts it came with first, the longest prefix that fits the budget."""
+    rng = random.Random(4)
+    for budget in (1, 60, 700, 5000):
+        items = [((rng.getrandbits(rng.choice((2, 64))), rng.getrandbits(1)), (f"t{i}" + "x" * rng.randint(0, 30),))
+                 for i in range(rng.randint(200, 600))]
+        sample = BottomK(budget)
+        for h, texts in items:
+            sample.add(h, texts)
+        first: dict = {}
+        for h, texts in items:
+            first.setdefault(h, texts)
+        expected, used = [], 0
+        for h in sorted(first):
+            size = len(first[h][0].encode())
+            if used + size > budget:
+                break
+            expected.append((h, first[h], size))
+            used += size
+        assert sample.items() == expected and (len(expected) == len(first)) == (budget == 5000)
+
 @pytest.mark.parametrize("task, max_docs", [("text", -1), ("restore", -1), ("text", 3), ("pairs", -1)])
 def test_the_encode_pass_replays_the_scan_pass_without_the_filters(tmp_path, task, max_docs):
     """`encode` reads a file again and trusts `scan`'s verdicts instead of filtering again: it must get the very
