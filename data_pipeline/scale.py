@@ -186,8 +186,8 @@ class BottomK:
 
 
 def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int):
-    """Stage `scan` (4 returns): ScanSummary, the (hash, position, split) array sorted by hash, the tokenizer sample, and the
-    filters' verdict on every item read (`formats.records`; 4 bytes an item), so that `encode` need not
+    """Stage `scan` (4 returns): ScanSummary, the (hash, position, split) array sorted by hash, the tokenizer
+    sample, and the filters' verdict on every item read (`formats.records`; 4 bytes an item), so that `encode` need not
     run the filters again."""
     drops: Counter = Counter()
     verdicts = array("I")
@@ -335,7 +335,7 @@ def encode_file(origin: tuple[int, int], src: SourceFile, spec: ReadSpec, max_do
     _one_thread_in_a_task()
     tok = shared_tokenizer(enc.tok_json)
     index, first = origin
-    dropped = {p - first for p in dropped_positions(index, drop_arrays)}  # as `records` counts: from the part's start
+    dropped = {p - first for p in dropped_positions(index, drop_arrays)}  # from the part's start, as `records`
     open_pieces = {s: Piece(s) for s in SPLITS}
     batch: list[Record] = []
     recs = records(src, spec, Counter(), max_docs=max_docs, known=verdicts)

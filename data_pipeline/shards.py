@@ -99,7 +99,8 @@ def tar_samples(keys: list[str], fields: list[dict[str, list[int]]], dtype: str)
 def _headers(names: list[bytes], longest: int, sizes: np.ndarray) -> np.ndarray:
     """`ustar_header(name, size)` of every member, as rows of a (members, 512) array."""
     h = np.tile(np.frombuffer(_HEADER_TEMPLATE, dtype=np.uint8), (len(names), 1))
-    h[:, :longest] = np.frombuffer(b"".join(n.ljust(longest, b"\0") for n in names), dtype=np.uint8).reshape(-1, longest)
+    padded = b"".join(n.ljust(longest, b"\0") for n in names)
+    h[:, :longest] = np.frombuffer(padded, dtype=np.uint8).reshape(-1, longest)
     h[:, 124:135] = _octal(sizes, 11)  # then the size field's NUL, as in the template
     h[:, 135] = 0
     checksum = h.sum(axis=1, dtype=np.int64)  # the checksum field counts as 8 spaces (the template's)
