@@ -7,7 +7,8 @@
              (hash, file, position) and drops all but the first of each hash; returns the dropped
              (file, position) pairs
     train    (when no tokenizer is given) a tree of merge tasks, then one training task: the globally
-             smallest content hashes whose text adds up to `data.tokenizer_sample_bytes`, in hash order
+             smallest content hashes whose normalised text adds up to `data.tokenizer_sample_bytes`, in
+             hash order (samples pass between tasks as arrays and one string: `Sample`)
     encode   one streaming task a file: reads the file again, drops the duplicates, tokenizes in batches
              and yields pieces of at most `shard_samples` samples of one split (tar bytes + offsets)
     write    one task a shard, on the driver's node: the slices of pieces that make samples
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import heapq
 import os
 import sys
 import warnings
@@ -136,11 +136,12 @@ def bar(desc: str, total: int | None, unit: str, progress: bool):
 # --- scan ------------------------------------------------------------------------------------------
 
 
-def content_hash(rec: Record) -> tuple[int, int]:
-    """128-bit hash of the text, case and whitespace ignored (what de-duplication compares)."""
-    norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold()
-    h = int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=16).digest(), "little")
-    return h & _LOW64, h >> 64  # the digest's first 8 bytes, then its last 8, each read little-endian
+def content_hash(rec: Record) -> tuple[tuple[int, int], int]:
+    """128-bit hash of the text, case and whitespace ignored (what de-duplication compares), and the UTF-8
+    size of that normalised text (what the tokenizer sample's budget counts: the same for every copy)."""
+    norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold().encode()
+    h = int.from_bytes(hashlib.blake2b(norm, digest_size=16).digest(), "little")
+    return (h & _LOW64, h >> 64), len(norm)  # the digest's first 8 bytes, then its last 8, little-endian
 
 
 _LOW64 = (1 << 64) - 1
@@ -148,37 +149,42 @@ _LOW64 = (1 << 64) - 1
 
 class BottomK:
     """The train texts with the smallest content hashes, at most `budget` bytes: a prefix of the hash
-    order, so a global prefix can be merged from per-file ones whatever the number of files. Each hash's
-    first texts count. Texts are buffered and cut back to the budget when the buffer reaches twice the
-    budget (a sort a cut), not kept in a heap a text."""
+    order, so a global prefix can be merged from per-file ones whatever the number of files or parts.
+    A hash's size is its normalised text's (`content_hash`), the same for each copy, and of a hash's
+    copies the smallest texts count: both rules hold however the copies are spread, so merging per-part
+    samples gives the sample of the whole file. The first hash that does not fit is kept too (last, over
+    the budget): a part whose sample lacked it could not tell a merge that the prefix stops there.
+    Texts are buffered and cut back to the budget when the buffer reaches twice the budget (a sort a
+    cut), not kept in a heap a text."""
 
     def __init__(self, budget: int):
         self.budget, self.bytes, self.buffer = budget, 0, []
-        self.limit: tuple[int, int] | None = None  # the smallest hash ever cut: nothing at or above it may enter
+        self.limit: tuple[int, int] | None = None  # the first hash that did not fit: nothing above it may enter
 
-    def add(self, h: tuple[int, int], texts: tuple[str, ...]) -> None:
-        if self.limit is not None and h >= self.limit:
+    def add(self, h: tuple[int, int], texts: tuple[str, ...], size: int) -> None:
+        if self.limit is not None and h > self.limit:
             return
-        size = sum(len(t.encode()) for t in texts)
         self.buffer.append((h, texts, size))
         self.bytes += size
         if self.bytes > 2 * self.budget:
             self.buffer = self._prefix()
-            self.bytes = sum(n for _, _, n in self.buffer)
+            self.bytes = self.used
 
     def _prefix(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
-        """The longest prefix of the distinct hashes in order whose texts fit the budget; sets `limit`."""
-        self.buffer.sort(key=itemgetter(0))  # stable: a hash's first texts come first
+        """The longest prefix of the distinct hashes in order whose sizes fit the budget (their sum: `used`),
+        then the first hash that does not (if any; it becomes `limit`)."""
+        self.buffer.sort(key=itemgetter(0, 1))  # a hash's smallest texts first
         out, used, last = [], 0, None
         for item in self.buffer:
             if item[0] == last:
                 continue
-            if used + item[2] > self.budget:
-                self.limit = item[0] if self.limit is None else min(self.limit, item[0])
-                break
-            out.append(item)
-            used += item[2]
             last = item[0]
+            out.append(item)
+            if used + item[2] > self.budget:
+                self.limit = item[0]
+                break
+            used += item[2]
+        self.used = used
         return out
 
     def items(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
@@ -200,20 +206,20 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int)
         s = split_index[rec.split]
         samples[s] += 1
         docs[s].add(rec.doc)
-        h = content_hash(rec)
+        h, size = content_hash(rec)
         add_hi(h[0])
         add_lo(h[1])
         add_pos(rec.pos)
         add_split(s)
         if rec.split == "train" and sample_bytes:
-            sample.add(h, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt))
+            sample.add(h, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt), size)
     read = drops.pop("read", 0)
     summary = ScanSummary(samples, [len(d) for d in docs], dict(drops), read)
     table = np.zeros(len(cols[0]), HASH_DTYPE)
     for name, col in zip(HASH_DTYPE.names, cols):
         table[name] = np.frombuffer(col, dtype=table.dtype[name]) if len(col) else 0
     table = table[np.lexsort((table["pos"], table["lo"], table["hi"]))]
-    return summary, table, sample.items(), np.frombuffer(verdicts, dtype=np.uint32)
+    return summary, table, Sample.of(sample.items()), np.frombuffer(verdicts, dtype=np.uint32)
 
 
 # --- dedup ------------------------------------------------------------------------------------------
@@ -263,24 +269,95 @@ def dropped_positions(file_index: int, drop_arrays: tuple[np.ndarray, ...]) -> s
 # --- tokenizer sample -------------------------------------------------------------------------------
 
 
-def merge_samples(budget: int, *samples: list) -> list:
-    """The bottom-k (in hash order, at most `budget` bytes, each hash once) of several bottom-k samples.
+HASH2_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8")])
+
+
+@dataclass
+class Sample:
+    """A tokenizer sample in hash order (distinct hashes), as arrays and one string: the form tasks pass
+    between them (Ray moves the arrays out of band and the string whole, where a list of (hash, texts, size)
+    tuples was serialised an item at a time, and merges read it a tuple at a time)."""
+
+    hashes: np.ndarray
+    """HASH2_DTYPE, ascending."""
+    sizes: np.ndarray
+    """Each item's size (`content_hash`)."""
+    ntexts: np.ndarray
+    """Texts of each item (1, or 2 for a pair)."""
+    bounds: np.ndarray
+    """Text k is `text[bounds[k]:bounds[k + 1]]`."""
+    text: str
+
+    @classmethod
+    def of(cls, items: list[tuple[tuple[int, int], tuple[str, ...], int]]) -> "Sample":
+        hashes = np.zeros(len(items), HASH2_DTYPE)
+        if not items:
+            return cls(hashes, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), "")
+        keys, groups, sizes = zip(*items)
+        hashes["hi"], hashes["lo"] = zip(*keys)
+        texts = [t for ts in groups for t in ts]
+        return cls(hashes, np.array(sizes, dtype=np.int64), np.fromiter(map(len, groups), np.int64, len(groups)),
+                   _bounds(map(len, texts), len(texts)), "".join(texts))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def items(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
+        b, text, out, k = self.bounds.tolist(), self.text, [], 0
+        for hi, lo, n, size in zip(self.hashes["hi"].tolist(), self.hashes["lo"].tolist(), self.ntexts.tolist(),
+                                   self.sizes.tolist()):
+            out.append(((hi, lo), tuple(text[b[j]:b[j + 1]] for j in range(k, k + n)), size))
+            k += n
+        return out
+
+
+def _bounds(lengths, count: int) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(np.fromiter(lengths, np.int64, count))))
+
+
+def merge_samples(budget: int, *samples: Sample) -> Sample:
+    """The bottom-k (in hash order, at most `budget` bytes, each hash once, then the first hash over the
+    budget) of several bottom-k samples: a hash found in several keeps the smallest of its texts.
     Associative: merging in any grouping gives the global one, so a tree of small merges bounds memory."""
-    out, used, seen = [], 0, set()
-    for h, texts, size in heapq.merge(*samples):
-        if h in seen:
-            continue
-        if used + size > budget:
-            break
-        seen.add(h)
-        used += size
-        out.append((h, texts, size))
-    return out
+    samples = tuple(s for s in samples if len(s)) or (Sample.of([]),)
+    hashes = np.concatenate([s.hashes for s in samples])
+    sizes = np.concatenate([s.sizes for s in samples])
+    ntexts = np.concatenate([s.ntexts for s in samples])
+    owner = np.repeat(np.arange(len(samples)), [len(s) for s in samples])
+    first = np.concatenate([np.cumsum(s.ntexts) - s.ntexts for s in samples])  # an item's first text, per sample
+    order = np.lexsort((hashes["lo"], hashes["hi"]))  # a sample's hashes are distinct: ties are across samples
+    h = hashes[order]
+    same = np.zeros(len(order), dtype=bool)
+    same[1:] = (h["hi"][1:] == h["hi"][:-1]) & (h["lo"][1:] == h["lo"][:-1])
+    bounds = [s.bounds.tolist() for s in samples]
+
+    def texts(m: int) -> tuple[str, ...]:
+        b, f = bounds[owner[m]], int(first[m])
+        return tuple(samples[owner[m]].text[b[j]:b[j + 1]] for j in range(f, f + int(ntexts[m])))
+
+    for k in np.flatnonzero(same & ~np.roll(same, 1)) - 1:  # the head of each run of equal hashes (rare)
+        j = k + 1
+        while j < len(order) and same[j]:
+            j += 1
+        order[k] = min(order[k:j].tolist(), key=texts)
+    chosen = order[~same]
+    fit = int(np.searchsorted(np.cumsum(sizes[chosen]), budget, side="right"))
+    chosen = chosen[:fit + 1]  # and the first hash that does not fit, if any (see BottomK)
+    spans = [samples[o].text[bounds[o][f]:bounds[o][f + n]]  # an item's texts lie side by side
+             for o, f, n in zip(owner[chosen].tolist(), first[chosen].tolist(), ntexts[chosen].tolist())]
+    lengths = np.concatenate([np.diff(s.bounds) for s in samples])  # of every text, samples in order
+    base = np.concatenate(([0], np.cumsum([s.ntexts.sum() for s in samples])[:-1]))[owner[chosen]] + first[chosen]
+    n = ntexts[chosen]
+    picked = np.repeat(base - np.cumsum(n) + n, n) + np.arange(int(n.sum()))  # each chosen text's index
+    return Sample(hashes[chosen], sizes[chosen], n, np.concatenate(([0], np.cumsum(lengths[picked]))), "".join(spans))
 
 
-def merged_sample(budget: int, *samples: list) -> list[str]:
-    """The texts of the global bottom-k, in hash order."""
-    return [t for _, texts, _ in merge_samples(budget, *samples) for t in texts]
+def merged_sample(budget: int, *samples: Sample) -> list[str]:
+    """The texts of the global bottom-k, in hash order (without the hash over the budget)."""
+    items = merge_samples(budget, *samples).items()
+    if sum(n for _, _, n in items) > budget:
+        items = items[:-1]
+    return [t for _, texts, _ in items for t in texts]
 
 
 def reduce_samples(runner: Runner, budget: int, refs: list, fan_in: int = 4) -> list:
@@ -290,7 +367,7 @@ def reduce_samples(runner: Runner, budget: int, refs: list, fan_in: int = 4) -> 
     return refs
 
 
-def train_from_sample(train: Callable[[list[str]], str], budget: int, *samples: list) -> str:
+def train_from_sample(train: Callable[[list[str]], str], budget: int, *samples: Sample) -> str:
     """Stage `train`: tokenizer.json trained on the merged sample (`train` maps texts to its JSON)."""
     return train(merged_sample(budget, *samples))
 

@@ -26,7 +26,7 @@ from data_pipeline.config import FieldsConfig
 from data_pipeline.filters import TextFilter, filter_text, text_units
 from data_pipeline.formats import ReadSpec, list_sources, records, split_of
 from data_pipeline import scale
-from data_pipeline.scale import BottomK, Runner, merged_sample, reduce_samples, split_files
+from data_pipeline.scale import BottomK, Runner, Sample, merge_samples, merged_sample, reduce_samples, split_files
 from data_pipeline.tokenizer import encode_texts, train_tokenizer
 
 KEEP_ALL = TextFilter(min_words=1, max_words=10_000, min_alpha=0.0, drop_code=False)
@@ -233,28 +233,6 @@ def test_units_and_letter_share_agree_with_their_definitions_on_mixed_scripts():
         assert joined == normal and (units == len(unit.findall(normal)) or reason == "empty"), text
 
 
-def test_the_per_file_tokenizer_sample_is_the_budget_prefix_of_its_distinct_hashes():
-    """BottomK (buffered, cut when it doubles the budget) against its definition: distinct hashes in order,
-    each with the texts it came with first, the longest prefix that fits the budget."""
-    rng = random.Random(4)
-    for budget in (1, 60, 700, 5000):
-        items = [((rng.getrandbits(rng.choice((2, 64))), rng.getrandbits(1)), (f"t{i}" + "x" * rng.randint(0, 30),))
-                 for i in range(rng.randint(200, 600))]
-        sample = BottomK(budget)
-        for h, texts in items:
-            sample.add(h, texts)
-        first: dict = {}
-        for h, texts in items:
-            first.setdefault(h, texts)
-        expected, used = [], 0
-        for h in sorted(first):
-            size = len(first[h][0].encode())
-            if used + size > budget:
-                break
-            expected.append((h, first[h], size))
-            used += size
-        assert sample.items() == expected and (len(expected) == len(first)) == (budget == 5000)
-
 @pytest.mark.parametrize("task, max_docs", [("text", -1), ("restore", -1), ("text", 3), ("pairs", -1)])
 def test_the_encode_pass_replays_the_scan_pass_without_the_filters(tmp_path, task, max_docs):
     """`encode` reads a file again and trusts `scan`'s verdicts instead of filtering again: it must get the very
@@ -411,24 +389,52 @@ def test_a_sentencepiece_model_tokenizes_as_sentencepiece_does(tmp_path):
 
 
 def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
+    """Against the definition: distinct hashes in hash order, each with the smallest of its copies' texts
+    and its fixed size, the longest prefix within the budget (then the first hash over it, which a merge
+    needs and training does not get). One file whole, the same entries cut into parts (BottomK each,
+    merged flat or as any tree of `merge_samples`, through Runner as prepare does) all give it."""
     rng = random.Random(0)
-    items = [((rng.getrandbits(64), rng.getrandbits(64)), (f"text {i} " * rng.randint(1, 5),)) for i in range(500)]
-    items += items[:50]  # duplicates across files
-    budget = 2000
 
-    def sample(n_files: int) -> list[str]:
-        parts = [BottomK(budget) for _ in range(n_files)]
-        for i, (h, texts) in enumerate(items):
-            parts[i % n_files].add(h, texts)
-        return merged_sample(budget, *(p.items() for p in parts))
+    def definition(budget, entries):
+        smallest = {}
+        for h, texts, size in entries:
+            if h not in smallest or texts < smallest[h][0]:
+                smallest[h] = (texts, size)
+        out, used = [], 0
+        for h in sorted(smallest):
+            out.append((h, *smallest[h]))
+            if used + smallest[h][1] > budget:
+                break
+            used += smallest[h][1]
+        return out
 
-    one = sample(1)
-    assert one == sample(3) == sample(17) and 0 < sum(len(t.encode()) for t in one) <= budget
-    parts = [BottomK(budget) for _ in range(9)]
-    for i, (h, texts) in enumerate(items):
-        parts[i % 9].add(h, texts)
-    tree = reduce_samples(Runner(use_ray=False), budget, [p.items() for p in parts], fan_in=2)
-    assert [t for _, texts, _ in tree[0] for t in texts] == one  # merged as a tree of small merges
+    def sample(entries, budget):
+        part = BottomK(budget)
+        for entry in entries:
+            part.add(*entry)
+        return Sample.of(part.items())
+
+    cut_somewhere = 0
+    for trial in range(300):
+        budget = rng.choice([0, 5, 100, 1000, 10**6])
+        keys = [(rng.getrandbits(rng.choice((2, 64))), rng.getrandbits(rng.choice((1, 64)))) for _ in range(60)]
+        entries = []
+        for _ in range(rng.randint(0, 200)):
+            h = rng.choice(keys)  # copies of a hash: other texts (case, spacing), the same normalised size
+            texts = tuple(rng.choice(["a", "B", "çé", "中文", "x" * rng.randint(0, 9)]) + str(rng.randint(0, 3))
+                          for _ in range(rng.choice((1, 2))))
+            entries.append((h, texts, (7 * h[0] + h[1]) % 31))
+        want = definition(budget, entries)
+        over = sum(n for *_, n in want) > budget
+        cut_somewhere += over
+        trained = [t for _, texts, _ in (want[:-1] if over else want) for t in texts]
+        assert sample(entries, budget).items() == want
+        cuts = sorted(rng.randint(0, len(entries)) for _ in range(rng.randint(0, 5)))
+        parts = [sample(entries[a:b], budget) for a, b in zip([0, *cuts], [*cuts, len(entries)])]
+        assert merge_samples(budget, *parts).items() == want and merged_sample(budget, *parts) == trained
+        tree = reduce_samples(Runner(use_ray=False), budget, parts, fan_in=rng.choice((2, 3)))
+        assert tree[0].items() == want and sum(n for *_, n in (want[:-1] if over else want)) <= budget
+    assert 100 < cut_somewhere < 300  # budgets that cut and budgets that hold everything
 
 
 def test_dedup_over_hash_ranges_keeps_the_first_of_each_hash_whatever_the_range_count():
