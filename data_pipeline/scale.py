@@ -158,7 +158,7 @@ class BottomK:
     cut), not kept in a heap a text."""
 
     def __init__(self, budget: int):
-        self.budget, self.bytes, self.buffer = budget, 0, []
+        self.budget, self.bytes, self.used, self.buffer = budget, 0, 0, []
         self.limit: tuple[int, int] | None = None  # the first hash that did not fit: nothing above it may enter
 
     def add(self, h: tuple[int, int], texts: tuple[str, ...], size: int) -> None:
@@ -320,21 +320,22 @@ def merge_samples(budget: int, *samples: Sample) -> Sample:
     budget) of several bottom-k samples: a hash found in several keeps the smallest of its texts.
     Associative: merging in any grouping gives the global one, so a tree of small merges bounds memory."""
     samples = tuple(s for s in samples if len(s)) or (Sample.of([]),)
-    hashes = np.concatenate([s.hashes for s in samples])
-    sizes = np.concatenate([s.sizes for s in samples])
-    ntexts = np.concatenate([s.ntexts for s in samples])
+    hashes, sizes, ntexts = (np.concatenate([getattr(s, k) for s in samples]) for k in ("hashes", "sizes", "ntexts"))
     owner = np.repeat(np.arange(len(samples)), [len(s) for s in samples])
-    first = np.concatenate([np.cumsum(s.ntexts) - s.ntexts for s in samples])  # an item's first text, per sample
+    start = np.cumsum(ntexts) - ntexts  # each item's first text, counting every sample's texts in order
+    offset = np.cumsum([0] + [int(s.ntexts.sum()) for s in samples])  # each sample's first text
+    bounds = [s.bounds.tolist() for s in samples]
+
+    local = start - offset[owner]  # each item's first text in its own sample
+
+    def texts(m: int) -> tuple[str, ...]:
+        o, f = owner[m], int(local[m])
+        return tuple(samples[o].text[bounds[o][j]:bounds[o][j + 1]] for j in range(f, f + int(ntexts[m])))
+
     order = np.lexsort((hashes["lo"], hashes["hi"]))  # a sample's hashes are distinct: ties are across samples
     h = hashes[order]
     same = np.zeros(len(order), dtype=bool)
     same[1:] = (h["hi"][1:] == h["hi"][:-1]) & (h["lo"][1:] == h["lo"][:-1])
-    bounds = [s.bounds.tolist() for s in samples]
-
-    def texts(m: int) -> tuple[str, ...]:
-        b, f = bounds[owner[m]], int(first[m])
-        return tuple(samples[owner[m]].text[b[j]:b[j + 1]] for j in range(f, f + int(ntexts[m])))
-
     for k in np.flatnonzero(same & ~np.roll(same, 1)) - 1:  # the head of each run of equal hashes (rare)
         j = k + 1
         while j < len(order) and same[j]:
@@ -343,13 +344,12 @@ def merge_samples(budget: int, *samples: Sample) -> Sample:
     chosen = order[~same]
     fit = int(np.searchsorted(np.cumsum(sizes[chosen]), budget, side="right"))
     chosen = chosen[:fit + 1]  # and the first hash that does not fit, if any (see BottomK)
-    spans = [samples[o].text[bounds[o][f]:bounds[o][f + n]]  # an item's texts lie side by side
-             for o, f, n in zip(owner[chosen].tolist(), first[chosen].tolist(), ntexts[chosen].tolist())]
-    lengths = np.concatenate([np.diff(s.bounds) for s in samples])  # of every text, samples in order
-    base = np.concatenate(([0], np.cumsum([s.ntexts.sum() for s in samples])[:-1]))[owner[chosen]] + first[chosen]
     n = ntexts[chosen]
-    picked = np.repeat(base - np.cumsum(n) + n, n) + np.arange(int(n.sum()))  # each chosen text's index
-    return Sample(hashes[chosen], sizes[chosen], n, np.concatenate(([0], np.cumsum(lengths[picked]))), "".join(spans))
+    picked = np.repeat(start[chosen] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))  # their texts' indices
+    lengths = np.concatenate([np.diff(s.bounds) for s in samples])[picked]
+    return Sample(hashes[chosen], sizes[chosen], n, np.concatenate(([0], np.cumsum(lengths))),
+                  "".join(samples[o].text[bounds[o][f]:bounds[o][f + c]]  # an item's texts lie side by side
+                          for o, f, c in zip(owner[chosen].tolist(), local[chosen].tolist(), n.tolist())))
 
 
 def merged_sample(budget: int, *samples: Sample) -> list[str]:
@@ -690,32 +690,45 @@ def deduplicate(hashes: list, origins: np.ndarray, entries: int, runner: Runner,
     return drop_refs, dups
 
 
+class ShardWrites:
+    """Write tasks in submission order; their results are collected (and `bar` advanced) once more than
+    `keep` are outstanding, so the driver holds a window of references, not one a shard."""
+
+    def __init__(self, runner: Runner, bar):
+        self.runner, self.bar = runner, bar
+        self.pending: deque[tuple[str, str, Any]] = deque()  # (split, shard path, result ref)
+        self.written: dict[str, list[WrittenShard]] = {s: [] for s in SPLITS}
+
+    def submit(self, split: str, jobs: list[tuple], keep: int) -> None:
+        self.pending.extend((split, job[0], self.runner.submit(write_shard, *job, here=True)) for job in jobs)
+        self.collect(keep)
+
+    def collect(self, keep: int = 0) -> None:
+        while len(self.pending) > keep:  # a split's shards finish in the order they were submitted
+            split, path, ref = self.pending.popleft()
+            samples, tokens, _, sha = self.runner.get(ref)
+            self.written[split].append(WrittenShard(Path(path), samples, tokens, sha))
+            self.bar.update(1)
+
+
 def encode_and_write(files, origins: np.ndarray, spec, caps, verdicts: list, enc: EncodeSpec, drop_refs: list,
                      runner: Runner, out: Path, total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
     """Encode every file (in file order) and cut each split's pieces into shards as they arrive. The encode
     settings (the tokenizer's JSON) go to the object store once, not once a task; the written shards are
-    collected while encoding goes on, so the driver holds at most a window of write references."""
+    collected while encoding goes on (`ShardWrites`)."""
     cutters = {s: ShardCutter(s, enc.shard_samples, out) for s in SPLITS}
-    written: dict[str, list[WrittenShard]] = {s: [] for s in SPLITS}
-    pending: deque[tuple[str, str, Any]] = deque()  # (split, shard path, result ref), in submission order
     enc_ref = runner.put(enc)
     jobs = [(tuple(o), f, spec, c, enc_ref, v, *drop_refs)
             for o, f, c, v in zip(origins.tolist(), files, caps, verdicts)]
+    window = 2 * runner.tasks
     with bar("tokenize", total, "sample", progress) as tb, bar("write", None, "shard", progress) as wb:
-        def write(split: str, jobs: list[tuple], keep: int) -> None:
-            pending.extend((split, job[0], runner.submit(write_shard, *job, here=True)) for job in jobs)
-            while len(pending) > keep:  # a split's shards finish in the order they were submitted
-                split, path, ref = pending.popleft()
-                samples, tokens, _, sha = runner.get(ref)
-                written[split].append(WrittenShard(Path(path), samples, tokens, sha))
-                wb.update(1)
-
+        writes = ShardWrites(runner, wb)
         for gen in runner.windowed(encode_file, jobs, num_returns="streaming"):
             for meta in gen:
                 split, n = runner.get(meta)
-                write(split, cutters[split].add(next(gen), n), 2 * runner.tasks)
+                writes.submit(split, cutters[split].add(next(gen), n), window)
                 tb.update(n)
         for split, cutter in cutters.items():
-            write(split, cutter.flush(), 2 * runner.tasks)
-        write("", [], 0)
-    return written
+            writes.submit(split, cutter.flush(), window)
+        writes.collect()
+    return writes.written
