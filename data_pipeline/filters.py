@@ -90,7 +90,10 @@ def alpha_share(text: str, enough: float = 1.0, visible: int = -1) -> float:
 def looks_like_code(block: str) -> bool:
     if block.strip() and block.lstrip("\n")[0].isspace():
         return True  # an indented block: a code sample, grammar rule or listing
-    return any(line.lstrip().startswith(_CODE_STARTS) for line in block.splitlines())
+    lines = block.splitlines()
+    if len(lines) == 1:  # most items are one line: no generator (the prepare hot path)
+        return lines[0].lstrip().startswith(_CODE_STARTS)
+    return any(line.lstrip().startswith(_CODE_STARTS) for line in lines)
 
 
 def rejected_by(block: str, f: TextFilter) -> str | None:

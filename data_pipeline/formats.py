@@ -252,9 +252,12 @@ def _text_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
 
 
 def _line_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
+    group, next_group = "", src.first_line  # the group's key is made once a group, not once a line
     with open_text(src.path, src.start, src.end) as f:
         for i, line in enumerate(f, start=src.first_line):
-            yield Item(str(i // spec.doc_lines), None, line.rstrip("\n"))
+            if i >= next_group:
+                group, next_group = str(i // spec.doc_lines), (i // spec.doc_lines + 1) * spec.doc_lines
+            yield Item(group, None, line.rstrip("\n"))
 
 
 def _jsonl_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
@@ -369,27 +372,37 @@ WHOLE = 1
 def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1, verdicts: array | None = None,
             known: Sequence[int] | None = None) -> Iterator[Record]:
     """The samples of one file after the filters (drops counted by filter); at most `max_docs` documents
-    (in order of first appearance) when >= 0.
+    (in order of first appearance) when >= 0. Every text comes whitespace-normalised (`" ".join(t.split())`).
 
     `verdicts` (an `array`) gets one entry per item read: 0 dropped, `WHOLE`, or 1 + its pieces. Given those
-    of an earlier pass as `known`, the same records come back without running the filters again."""
-    pos = 0
+    of an earlier pass as `known`, the same records come back without running the filters again.
+
+    The prepare hot path (every item of the corpus passes here): the document key and split are looked up
+    when the item's group changes, not an item at a time, and the count of items read is kept in a local."""
     docs: dict[str, str] = {}  # document key → split
-    for i, item in enumerate(read_items(src, spec)):
-        doc = f"{src.name}:{item.group}" if item.group else src.name
-        if doc not in docs:
-            if len(docs) == max_docs:
+    group, doc, split = None, "", None  # the last item's group, its key and split (None: past max_docs)
+    pos = read = 0
+    try:
+        for i, item in enumerate(read_items(src, spec)):
+            if item.group != group:
+                group = item.group
+                doc = f"{src.name}:{group}" if group else src.name
+                split = docs.get(doc)
+                if split is None and len(docs) != max_docs:
+                    split = docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
+            if split is None:
                 if verdicts is not None:
                     verdicts.append(0)
                 continue
-            docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
-        drops["read"] += 1
-        verdict, samples = _samples(item, spec, drops, -1 if known is None else known[i])
-        if verdicts is not None:
-            verdicts.append(verdict)
-        for s, t in samples:
-            yield Record(pos, doc, docs[doc], s, t)
-            pos += 1
+            read += 1
+            verdict, samples = _samples(item, spec, drops, -1 if known is None else known[i])
+            if verdicts is not None:
+                verdicts.append(verdict)
+            for s, t in samples:
+                yield Record(pos, doc, split, s, t)
+                pos += 1
+    finally:
+        drops["read"] += read
 
 
 def _samples(item: Item, spec: ReadSpec, drops: Counter, verdict: int = -1) -> tuple[int, list[tuple[str | None, str]]]:

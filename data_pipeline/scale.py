@@ -30,7 +30,6 @@ import warnings
 from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -136,15 +135,18 @@ def bar(desc: str, total: int | None, unit: str, progress: bool):
 # --- scan ------------------------------------------------------------------------------------------
 
 
-def content_hash(rec: Record) -> tuple[tuple[int, int], int]:
-    """128-bit hash of the text, case and whitespace ignored (what de-duplication compares), and the UTF-8
-    size of that normalised text (what the tokenizer sample's budget counts: the same for every copy)."""
-    norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold().encode()
-    h = int.from_bytes(hashlib.blake2b(norm, digest_size=16).digest(), "little")
-    return (h & _LOW64, h >> 64), len(norm)  # the digest's first 8 bytes, then its last 8, little-endian
+def content_hash(rec: Record) -> tuple[bytes, int]:
+    """The 16-byte digest of the text, case and whitespace ignored (what de-duplication compares), and the
+    UTF-8 size of that normalised text (what the tokenizer sample's budget counts: the same for every copy).
+    `records` gives whitespace-normalised texts, so only case is folded here. Tables and samples hold a
+    digest as (hi, lo) = its first 8 bytes, then its last 8, each read little-endian, and sort by that."""
+    norm = f"{rec.src or ''}\x00{rec.tgt}".casefold().encode()
+    return _blake2b(norm, digest_size=16).digest(), len(norm)
 
 
-_LOW64 = (1 << 64) - 1
+_blake2b = hashlib.blake2b
+FOLD_BYTES = 1 << 20
+"""`BottomK` folds its buffer into its sample when the buffer holds this many bytes, or the budget if larger."""
 
 
 class BottomK:
@@ -154,72 +156,76 @@ class BottomK:
     copies the smallest texts count: both rules hold however the copies are spread, so merging per-part
     samples gives the sample of the whole file. The first hash that does not fit is kept too (last, over
     the budget): a part whose sample lacked it could not tell a merge that the prefix stops there.
-    Texts are buffered and cut back to the budget when the buffer reaches twice the budget (a sort a
-    cut), not kept in a heap a text."""
 
-    def __init__(self, budget: int):
-        self.budget, self.bytes, self.used, self.buffer = budget, 0, 0, []
-        self.limit: tuple[int, int] | None = None  # the first hash that did not fit: nothing above it may enter
+    Items are buffered as raw columns (digests in one buffer, texts in one list) and folded into the
+    sample by `merge_samples`, which applies those rules to whole arrays, when the buffer reaches
+    max(budget, `FOLD_BYTES`) and at the end: memory stays within about twice that, and no tuple is made
+    nor compared an item."""
 
-    def add(self, h: tuple[int, int], texts: tuple[str, ...], size: int) -> None:
-        if self.limit is not None and h > self.limit:
-            return
-        self.buffer.append((h, texts, size))
+    def __init__(self, budget: int, fold_bytes: int = FOLD_BYTES):
+        self.budget, self.fold_at = budget, max(budget, fold_bytes)
+        self.kept = Sample.empty()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.digests, self.texts, self.ntexts, self.sizes, self.bytes = bytearray(), [], array("q"), array("q"), 0
+
+    def add(self, digest: bytes, texts: tuple[str, ...], size: int) -> None:
+        """`digest`: `content_hash`'s 16 bytes."""
+        self.digests += digest
+        self.texts += texts
+        self.ntexts.append(len(texts))
+        self.sizes.append(size)
         self.bytes += size
-        if self.bytes > 2 * self.budget:
-            self.buffer = self._prefix()
-            self.bytes = self.used
+        if self.bytes > self.fold_at:
+            self._fold()
 
-    def _prefix(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
-        """The longest prefix of the distinct hashes in order whose sizes fit the budget (their sum: `used`),
-        then the first hash that does not (if any; it becomes `limit`)."""
-        self.buffer.sort(key=itemgetter(0, 1))  # a hash's smallest texts first
-        out, used, last = [], 0, None
-        for item in self.buffer:
-            if item[0] == last:
-                continue
-            last = item[0]
-            out.append(item)
-            if used + item[2] > self.budget:
-                self.limit = item[0]
-                break
-            used += item[2]
-        self.used = used
-        return out
+    def _fold(self) -> None:
+        hashes = np.zeros(len(self.sizes), HASH2_DTYPE)
+        if len(self.sizes):
+            halves = np.frombuffer(self.digests, dtype="<u8").reshape(-1, 2)  # (items, [hi, lo])
+            hashes["hi"], hashes["lo"] = halves[:, 0], halves[:, 1]
+        buffered = Sample(hashes, np.array(self.sizes, dtype=np.int64), np.array(self.ntexts, dtype=np.int64),
+                          _bounds(map(len, self.texts), len(self.texts)), "".join(self.texts))
+        self.kept = merge_samples(self.budget, self.kept, buffered)
+        self._clear()
 
-    def items(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
-        return self._prefix()
+    def sample(self) -> "Sample":
+        self._fold()
+        return self.kept
 
 
 def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int):
     """Stage `scan` (4 returns): ScanSummary, the (hash, position, split) array sorted by hash, the tokenizer
-    sample, and the filters' verdict on every item read (`formats.records`; 4 bytes an item), so that `encode` need not
-    run the filters again."""
+    sample, and the filters' verdict on every item read (`formats.records`; 4 bytes an item), so that `encode`
+    need not run the filters again. A record's position is its index here; its digest goes into one buffer
+    (16 bytes), its split into another (1 byte); counts come from those at the end, not a record at a time."""
     drops: Counter = Counter()
     verdicts = array("I")
-    samples, docs = [0, 0, 0], [set(), set(), set()]
+    digests, splits = bytearray(), bytearray()
+    docs: list[set[str]] = [set(), set(), set()]
     sample = BottomK(sample_bytes)
-    cols = [array("Q"), array("Q"), array("Q"), array("B")]  # hi, lo, pos, split: 25 bytes a sample
-    add_hi, add_lo, add_pos, add_split = (col.append for col in cols)
     split_index = {name: i for i, name in enumerate(SPLITS)}
+    doc, s = None, 0
     for rec in records(src, spec, drops, max_docs=max_docs, verdicts=verdicts):
-        s = split_index[rec.split]
-        samples[s] += 1
-        docs[s].add(rec.doc)
-        h, size = content_hash(rec)
-        add_hi(h[0])
-        add_lo(h[1])
-        add_pos(rec.pos)
-        add_split(s)
-        if rec.split == "train" and sample_bytes:
-            sample.add(h, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt), size)
+        if rec.doc != doc:
+            doc, s = rec.doc, split_index[rec.split]
+            docs[s].add(doc)
+        digest, size = content_hash(rec)
+        digests += digest
+        splits.append(s)
+        if s == 0 and sample_bytes:  # SPLITS[0] is train
+            sample.add(digest, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt), size)
     read = drops.pop("read", 0)
-    summary = ScanSummary(samples, [len(d) for d in docs], dict(drops), read)
-    table = np.zeros(len(cols[0]), HASH_DTYPE)
-    for name, col in zip(HASH_DTYPE.names, cols):
-        table[name] = np.frombuffer(col, dtype=table.dtype[name]) if len(col) else 0
+    split_of = np.frombuffer(splits, dtype=np.uint8)
+    summary = ScanSummary(np.bincount(split_of, minlength=3).tolist(), [len(d) for d in docs], dict(drops), read)
+    table = np.zeros(len(splits), HASH_DTYPE)
+    if len(splits):
+        halves = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+        table["hi"], table["lo"], table["split"] = halves[:, 0], halves[:, 1], split_of
+        table["pos"] = np.arange(len(splits))
     table = table[np.lexsort((table["pos"], table["lo"], table["hi"]))]
-    return summary, table, Sample.of(sample.items()), np.frombuffer(verdicts, dtype=np.uint32)
+    return summary, table, sample.sample(), np.frombuffer(verdicts, dtype=np.uint32)
 
 
 # --- dedup ------------------------------------------------------------------------------------------
@@ -299,6 +305,10 @@ class Sample:
         return cls(hashes, np.array(sizes, dtype=np.int64), np.fromiter(map(len, groups), np.int64, len(groups)),
                    _bounds(map(len, texts), len(texts)), "".join(texts))
 
+    @classmethod
+    def empty(cls) -> "Sample":
+        return cls.of([])
+
     def __len__(self) -> int:
         return len(self.hashes)
 
@@ -319,7 +329,7 @@ def merge_samples(budget: int, *samples: Sample) -> Sample:
     """The bottom-k (in hash order, at most `budget` bytes, each hash once, then the first hash over the
     budget) of several bottom-k samples: a hash found in several keeps the smallest of its texts.
     Associative: merging in any grouping gives the global one, so a tree of small merges bounds memory."""
-    samples = tuple(s for s in samples if len(s)) or (Sample.of([]),)
+    samples = tuple(s for s in samples if len(s)) or (Sample.empty(),)
     hashes, sizes, ntexts = (np.concatenate([getattr(s, k) for s in samples]) for k in ("hashes", "sizes", "ntexts"))
     owner = np.repeat(np.arange(len(samples)), [len(s) for s in samples])
     start = np.cumsum(ntexts) - ntexts  # each item's first text, counting every sample's texts in order
@@ -438,7 +448,7 @@ def _one_thread_in_a_task() -> None:
 
 def _rows(recs: Iterator[Record], dropped: set[int], sample_tokens: int) -> Iterator[Record]:
     """Records without duplicates; with `sample_tokens`, consecutive records of a document joined."""
-    kept = (r for r in recs if r.pos not in dropped)
+    kept = (r for r in recs if r.pos not in dropped) if dropped else recs
     if not sample_tokens:
         yield from kept
         return
@@ -458,16 +468,9 @@ def _encode_batch(tok, origin: tuple[int, int], batch: list[Record], enc: Encode
     sample's key is its file index and its position in the file (`origin[1]` + its position in the part)."""
     if not batch:
         return
-    index, first = origin
     tgt = encode_texts(tok, [r.tgt for r in batch])
-    has_src = batch[0].src is not None
-    src = encode_texts(tok, [r.src for r in batch]) if has_src else [None] * len(batch)
-    keys, fields, splits = [], [], []
-    for rec, s, t in zip(batch, src, tgt):
-        for sample_key, sample in _sample_fields(f"{index:06d}-{first + rec.pos:09d}", s, t, enc):
-            keys.append(sample_key)
-            fields.append(sample)
-            splits.append(rec.split)
+    src = encode_texts(tok, [r.src for r in batch]) if batch[0].src is not None else None
+    keys, fields, splits = _samples_of(origin, batch, src, tgt, enc)
     data, ends = tar_samples(keys, fields, enc.dtype)
     starts = np.concatenate(([0], ends[:-1]))
     tokens = [sum(map(len, f.values())) for f in fields]
@@ -486,12 +489,22 @@ def _encode_batch(tok, origin: tuple[int, int], batch: list[Record], enc: Encode
         i = j
 
 
-def _sample_fields(key: str, s, t, enc: EncodeSpec) -> Iterator[tuple[str, dict]]:
-    if enc.sample_tokens:
+def _samples_of(origin: tuple[int, int], batch: list[Record], src: list | None, tgt: list,
+                enc: EncodeSpec) -> tuple[list[str], list[dict], list[str]]:
+    """(keys, fields, splits) of the batch's samples: one a record, or with `sample_tokens` one a chunk of
+    the record's tokens (key suffix `-cccc`). Whole lists at a time, not a generator a record."""
+    index, first = origin
+    keys = [f"{index:06d}-{first + r.pos:09d}" for r in batch]
+    if not enc.sample_tokens:
+        fields = [{"tgt": t} for t in tgt] if src is None else [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
+        return keys, fields, [r.split for r in batch]
+    out: tuple[list, list, list] = ([], [], [])
+    for key, rec, t in zip(keys, batch, tgt):
         for c, ids in enumerate(token_chunks(t, enc.sample_tokens, enc.sentence_ends)):
-            yield f"{key}-{c:04d}", {"tgt": ids}
-        return
-    yield key, ({"src": s, "tgt": t} if s is not None else {"tgt": t})
+            out[0].append(f"{key}-{c:04d}")
+            out[1].append({"tgt": ids})
+            out[2].append(rec.split)
+    return out
 
 
 # --- write ------------------------------------------------------------------------------------------

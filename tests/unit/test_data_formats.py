@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -240,7 +241,8 @@ def test_the_encode_pass_replays_the_scan_pass_without_the_filters(tmp_path, tas
     rows = [*sentences(30), "Too short.", ">>> code line here and more words", "| 1 | 2 | 3 | 4 | 5 | 6 |",
             "  spaced   out    words that   stay one sample  ",
             "一二三四五。六七八九十。一二三四五六七八九十一二三四五",
-            " ".join(["First sentence is long enough here."] * 4), "word " * 40, "", "... and a continuation"]
+            " ".join(["First sentence is long enough here."] * 4), "word " * 40, "", "... and a continuation",
+            "Straße ß odd\u00a0white\x0bspace\x1cbetween\u3000these\u2028Words and\x85More"]
     rows = [r.replace("\t", " ") for r in rows]
     path = tmp_path / ("c.tsv" if task == "pairs" else "c.lines")
     path.write_text("\n".join((f"{r}\tx {r}" if task == "pairs" else r) for r in rows) + "\n")
@@ -250,6 +252,10 @@ def test_the_encode_pass_replays_the_scan_pass_without_the_filters(tmp_path, tas
     first = list(records(src, rs, Counter(), max_docs=max_docs, verdicts=verdicts))
     assert len(verdicts) == len(rows) and len(set(verdicts)) >= (2 if task == "pairs" else 3), list(verdicts)
     assert list(records(src, rs, Counter(), max_docs=max_docs, known=verdicts)) == first
+    for rec in first:  # texts come whitespace-normalised: `content_hash` folds only case, as its definition
+        assert all(t == " ".join(t.split()) for t in (rec.src or "", rec.tgt)), rec
+        norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold().encode()
+        assert scale.content_hash(rec) == (hashlib.blake2b(norm, digest_size=16).digest(), len(norm))
 
 
 def test_filter_counts_reach_the_manifest_and_a_greedy_filter_warns(tmp_path):
@@ -392,7 +398,8 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
     """Against the definition: distinct hashes in hash order, each with the smallest of its copies' texts
     and its fixed size, the longest prefix within the budget (then the first hash over it, which a merge
     needs and training does not get). One file whole, the same entries cut into parts (BottomK each,
-    merged flat or as any tree of `merge_samples`, through Runner as prepare does) all give it."""
+    merged flat or as any tree of `merge_samples`, through Runner as prepare does) all give it, however often
+    BottomK folds its buffer."""
     rng = random.Random(0)
 
     def definition(budget, entries):
@@ -409,10 +416,10 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
         return out
 
     def sample(entries, budget):
-        part = BottomK(budget)
-        for entry in entries:
-            part.add(*entry)
-        return Sample.of(part.items())
+        part = BottomK(budget, fold_bytes=rng.choice((1, 20, 10**9)))  # folds every item, some, once at the end
+        for (hi, lo), texts, size in entries:
+            part.add(hi.to_bytes(8, "little") + lo.to_bytes(8, "little"), texts, size)
+        return part.sample()
 
     cut_somewhere = 0
     for trial in range(300):
