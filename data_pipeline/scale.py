@@ -377,6 +377,33 @@ def reduce_samples(runner: Runner, budget: int, refs: list, fan_in: int = 4) -> 
     return refs
 
 
+class SampleTree:
+    """Per-file samples merged as the scans return them: a `merge_samples` task for every `fan_in` samples of a
+    level, submitted while later files are still being read, so that little merging is left between the last
+    scan and training. The result does not depend on the grouping (`merge_samples` is associative); the
+    driver holds at most `fan_in` - 1 references a level."""
+
+    def __init__(self, runner: Runner, budget: int, fan_in: int = 4):
+        self.runner, self.budget, self.fan_in = runner, budget, fan_in
+        self.levels: list[list] = []
+
+    def add(self, ref) -> None:
+        level = 0
+        while True:
+            if level == len(self.levels):
+                self.levels.append([])
+            self.levels[level].append(ref)
+            if len(self.levels[level]) < self.fan_in:
+                return
+            ref = self.runner.submit(merge_samples, self.budget, *self.levels[level])
+            self.levels[level] = []
+            level += 1
+
+    def refs(self) -> list:
+        """What is not merged yet (fewer than `fan_in` a level), for `reduce_samples`."""
+        return [ref for level in self.levels for ref in level]
+
+
 def train_from_sample(train: Callable[[list[str]], str], budget: int, *samples: Sample) -> str:
     """Stage `train`: tokenizer.json trained on the merged sample (`train` maps texts to its JSON)."""
     return train(merged_sample(budget, *samples))
@@ -596,7 +623,9 @@ def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: 
     are read as several parts (`parts`; not with `max_documents`)."""
     owners, files = split_files(files, spec, part_bytes if not max_documents else 0, runner, progress)
     caps = [-1] * len(files)
-    summaries, hashes, samples, verdicts = scan(files, spec, caps, runner, sample_bytes, progress)
+    # `rescan` replaces files' samples one by one, so with max_documents they are merged only after it
+    tree = SampleTree(runner, sample_bytes) if sample_bytes and not max_documents else None
+    summaries, hashes, samples, verdicts = scan(files, spec, caps, runner, sample_bytes, progress, tree)
     if max_documents:
         caps = document_caps([s.documents for s in summaries], max_documents)
         owners = [o for o, c in zip(owners, caps) if c != 0]
@@ -654,18 +683,23 @@ def part_origins(owners: list[int], summaries: list[ScanSummary]) -> np.ndarray:
     return origins
 
 
-def scan(files, spec, caps, runner: Runner, sample_bytes: int, progress: bool):
+def scan(files, spec, caps, runner: Runner, sample_bytes: int, progress: bool, tree: SampleTree | None = None):
+    """Every file's summary (here) and hash table, sample and verdicts (references); with `tree`, the samples
+    are merged as they come and what is left of the tree comes back instead."""
     summaries, hashes, samples, verdicts = [], [], [], []
     with bar("read", len(files), "part", progress) as b:
         for refs in runner.windowed(scan_file, [(f, spec, c, sample_bytes) for f, c in zip(files, caps)],
                                     num_returns=4):
             summaries.append(runner.get(refs[0]))
             hashes.append(refs[1])
-            samples.append(refs[2])
+            if tree is None:
+                samples.append(refs[2])
+            else:
+                tree.add(refs[2])
             verdicts.append(refs[3])
             b.update(1)
             b.set_postfix(samples=sum(sum(s.samples) for s in summaries), refresh=False)
-    return summaries, hashes, samples, verdicts
+    return summaries, hashes, samples if tree is None else tree.refs(), verdicts
 
 
 def document_caps(documents: list[list[int]], max_documents: int) -> list[int]:

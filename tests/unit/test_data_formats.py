@@ -27,7 +27,8 @@ from data_pipeline.config import FieldsConfig
 from data_pipeline.filters import TextFilter, filter_text, text_units
 from data_pipeline.formats import ReadSpec, list_sources, records, split_of
 from data_pipeline import scale
-from data_pipeline.scale import BottomK, Runner, Sample, merge_samples, merged_sample, reduce_samples, split_files
+from data_pipeline.scale import (BottomK, Runner, Sample, SampleTree, merge_samples, merged_sample, reduce_samples,
+                                 split_files)
 from data_pipeline.tokenizer import encode_texts, train_tokenizer
 
 KEEP_ALL = TextFilter(min_words=1, max_words=10_000, min_alpha=0.0, drop_code=False)
@@ -398,8 +399,8 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
     """Against the definition: distinct hashes in hash order, each with the smallest of its copies' texts
     and its fixed size, the longest prefix within the budget (then the first hash over it, which a merge
     needs and training does not get). One file whole, the same entries cut into parts (BottomK each,
-    merged flat or as any tree of `merge_samples`, through Runner as prepare does) all give it, however often
-    BottomK folds its buffer."""
+    merged flat, as any tree of `merge_samples` or as `SampleTree` merges them while they come, through Runner as
+    prepare does) all give it, however often BottomK folds its buffer."""
     rng = random.Random(0)
 
     def definition(budget, entries):
@@ -440,7 +441,11 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
         parts = [sample(entries[a:b], budget) for a, b in zip([0, *cuts], [*cuts, len(entries)])]
         assert merge_samples(budget, *parts).items() == want and merged_sample(budget, *parts) == trained
         tree = reduce_samples(Runner(use_ray=False), budget, parts, fan_in=rng.choice((2, 3)))
-        assert tree[0].items() == want and sum(n for *_, n in (want[:-1] if over else want)) <= budget
+        assert tree[0].items() == want
+        streamed = SampleTree(Runner(use_ray=False), budget, fan_in=rng.choice((2, 3)))  # as scans return
+        for part in parts:
+            streamed.add(part)
+        assert reduce_samples(Runner(use_ray=False), budget, streamed.refs())[0].items() == want
     assert 100 < cut_somewhere < 300  # budgets that cut and budgets that hold everything
 
 
