@@ -28,10 +28,11 @@ import os
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import PurePosixPath
 from typing import IO, Iterator, NamedTuple, Sequence
 
-from .filters import TextFilter, cut, split_text
+from .filters import TextFilter, cut, judge_many
 from .sources import restore_source
 from .storage import as_path, is_remote
 
@@ -377,47 +378,71 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
     `verdicts` (an `array`) gets one entry per item read: 0 dropped, `WHOLE`, or 1 + its pieces. Given those
     of an earlier pass as `known`, the same records come back without running the filters again.
 
-    The prepare hot path (every item of the corpus passes here): the document key and split are looked up
-    when the item's group changes, not an item at a time, and the count of items read is kept in a local."""
+    The prepare hot path (every item of the corpus passes here): items are judged `JUDGE_BATCH` at a time
+    (`filters.judge_many`), the document key and split are looked up when the item's group changes, and
+    the count of items read is kept in a local."""
     docs: dict[str, str] = {}  # document key → split
     group, doc, split = None, "", None  # the last item's group, its key and split (None: past max_docs)
     pos = read = 0
+    items, i = read_items(src, spec), -1
+    judge = known is None and spec.task != "pairs"
     try:
-        for i, item in enumerate(read_items(src, spec)):
-            if item.group != group:
-                group = item.group
-                doc = f"{src.name}:{group}" if group else src.name
-                split = docs.get(doc)
-                if split is None and len(docs) != max_docs:
-                    split = docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
-            if split is None:
+        while batch := list(islice(items, JUDGE_BATCH)):
+            judged = judge_many([item.text for item in batch], spec.text_filter) if judge else None
+            for k, item in enumerate(batch):
+                i += 1
+                if item.group != group:
+                    group = item.group
+                    doc = f"{src.name}:{group}" if group else src.name
+                    split = docs.get(doc)
+                    if split is None and len(docs) != max_docs:
+                        split = docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
+                if split is None:
+                    if verdicts is not None:
+                        verdicts.append(0)
+                    continue
+                read += 1
+                verdict = known[i] if known is not None else \
+                    _verdict(item.text, judged[0][k], judged[1][k], spec.text_filter, drops) if judge else -1
+                if verdict == WHOLE and spec.task == "text":  # `_samples`' answer, inline: the most common item
+                    if verdicts is not None:
+                        verdicts.append(WHOLE)
+                    yield Record(pos, doc, split, None, " ".join(item.text.split()))
+                    pos += 1
+                    continue
+                verdict, samples = _samples(item, spec, drops, verdict)
                 if verdicts is not None:
-                    verdicts.append(0)
-                continue
-            read += 1
-            if known is not None and known[i] == WHOLE and spec.task == "text":
-                yield Record(pos, doc, split, None, " ".join(item.text.split()))  # `_samples`' answer, inline:
-                pos += 1  # the most common item of the encode pass
-                continue
-            verdict, samples = _samples(item, spec, drops, -1 if known is None else known[i])
-            if verdicts is not None:
-                verdicts.append(verdict)
-            for s, t in samples:
-                yield Record(pos, doc, split, s, t)
-                pos += 1
+                    verdicts.append(verdict)
+                for s, t in samples:
+                    yield Record(pos, doc, split, s, t)
+                    pos += 1
     finally:
         drops["read"] += read
 
 
+JUDGE_BATCH = 4096
+
+
+def _verdict(block: str, reason: str | None, units: int, f: TextFilter, drops: Counter) -> int:
+    """The verdict of a block `judge_many` judged; a drop is counted."""
+    if reason:
+        drops[reason] += 1
+        return 0
+    if units <= f.max_words:
+        return WHOLE
+    return 1 + len(cut(" ".join(block.split()), f.max_words, units))
+
+
 def _samples(item: Item, spec: ReadSpec, drops: Counter, verdict: int = -1) -> tuple[int, list[tuple[str | None, str]]]:
-    """(the item's verdict, its samples); a `verdict` >= 0 from an earlier pass skips the filters."""
+    """(the item's verdict, its samples); `verdict` (text tasks: from `_verdict` or an earlier pass) says
+    what the filters gave."""
     if spec.task == "pairs":
         s, t = " ".join(item.src.split()), " ".join(item.text.split())
         if not (s and t):
             drops["empty"] += 1
             return 0, []
         return WHOLE, [(s, t)]
-    verdict, pieces = _pieces(item.text, spec.text_filter, drops, verdict)
+    pieces = _pieces(item.text, spec.text_filter, verdict)
     if spec.task != "restore":
         return verdict, [(None, p) for p in pieces]
     pairs = [(restore_source(p), p) for p in pieces]
@@ -426,11 +451,8 @@ def _samples(item: Item, spec: ReadSpec, drops: Counter, verdict: int = -1) -> t
     return verdict, [(s, p) for s, p in pairs if s]
 
 
-def _pieces(block: str, f: TextFilter, drops: Counter, verdict: int) -> tuple[int, list[str]]:
-    if verdict < 0:
-        pieces, whole = split_text(block, f, drops)
-        return (WHOLE if whole else 1 + len(pieces)) if pieces else 0, pieces
+def _pieces(block: str, f: TextFilter, verdict: int) -> list[str]:
     if verdict == 0:
-        return 0, []
+        return []
     text = " ".join(block.split())
-    return verdict, [text] if verdict == WHOLE else cut(text, f.max_words)
+    return [text] if verdict == WHOLE else cut(text, f.max_words)

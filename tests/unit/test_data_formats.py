@@ -235,6 +235,28 @@ def test_units_and_letter_share_agree_with_their_definitions_on_mixed_scripts():
         assert joined == normal and (units == len(unit.findall(normal)) or reason == "empty"), text
 
 
+def test_filters_judged_a_batch_at_a_time_agree_with_one_at_a_time():
+    """`judge_many` (whole-array, the prepare hot path) against `_judged` on random blocks: every script and
+    kind of space, digits, marks, numerics that are not digits, code starts after spaces, indented and
+    multi-line blocks, line breaks other than \\n, a lone surrogate, empty and all-space blocks; every
+    filter on and off, thresholds on either side of a block's share and length."""
+    from data_pipeline.filters import _judged, judge_many
+
+    rng = random.Random(7)
+    pieces = ["ab", "Z", "1", "½", "Ⅻ", "_", "我们", "ひら", "ไทย", "ລາວ", "ကမ", "ខ្មែរ", "𠀀", "ذهب", "é", "e\u0301", "ß",
+              " ", "  ", "\t", "\u3000", "\xa0", "\u2003", "\x1c", "\n", "\r", "\x0b", "\u2028", "\x85", ".", ",", "!",
+              "。", ">>>", "...", "$ ", "$", "def ", "def", "class ", "\ud800", "🙂"]
+    for trial in range(40):
+        f = TextFilter(min_words=rng.choice((0, 1, 3, 6)), max_words=rng.choice((2, 120)),
+                       min_alpha=rng.choice((0.0, 0.5, 0.75, 1.0)), drop_code=rng.random() < 0.7)
+        blocks = ["".join(rng.choice(pieces) for _ in range(rng.choice((0, 1, 2, 5, 12, 30)))) for _ in range(300)]
+        blocks += ["", " ", " \t ", "  >>> x y z", "x >>> y", "\n  indented after a newline", "$ls", "def f(): pass"]
+        rng.shuffle(blocks)
+        want = [_judged(b, f) for b in blocks]
+        assert judge_many(blocks, f) == ([r for r, _, _ in want], [u for _, _, u in want])
+    assert judge_many([], TextFilter()) == ([], []) and judge_many(["", " "], TextFilter()) == (["empty"] * 2, [-1] * 2)
+
+
 @pytest.mark.parametrize("task, max_docs", [("text", -1), ("restore", -1), ("text", 3), ("pairs", -1)])
 def test_the_encode_pass_replays_the_scan_pass_without_the_filters(tmp_path, task, max_docs):
     """`encode` reads a file again and trusts `scan`'s verdicts instead of filtering again: it must get the very
