@@ -1,15 +1,18 @@
 """Prepare a user corpus as Ray tasks; the driver keeps counts, object references and the manifest.
 
-    scan     one task a file: read, filter, split; returns counts, a (hash, position) array for the
-             de-duplication, and the file's bottom-k sample for the tokenizer (by content hash)
+    scan     one task a file: read, filter (a batch of items at a time: `filters.judge_many`), split;
+             returns counts, a (hash, position) array for the de-duplication, the file's bottom-k sample
+             for the tokenizer (by content hash) and the filters' verdicts
     dedup    one task a hash range (P equal ranges of the hash's first 64 bits): each file's table comes
              sorted by hash, so a task reads only its slice of every table; it sorts its entries by
              (hash, file, position) and drops all but the first of each hash; returns the dropped
              (file, position) pairs
-    train    (when no tokenizer is given) a tree of merge tasks, then one training task: the globally
+    train    (when no tokenizer is given) a tree of merge tasks, submitted as the scans return
+             (`SampleTree`), then one training task: the globally
              smallest content hashes whose normalised text adds up to `data.tokenizer_sample_bytes`, in
              hash order (samples pass between tasks as arrays and one string: `Sample`)
-    encode   one streaming task a file: reads the file again, drops the duplicates, tokenizes in batches
+    encode   one streaming task a file: reads the file again and replays the scan's verdicts (no
+             filters), drops the duplicates, tokenizes in batches
              and yields pieces of at most `shard_samples` samples of one split (tar bytes + offsets)
     write    one task a shard, on the driver's node: the slices of pieces that make samples
              [k·S, (k+1)·S) of a split, concatenated and closed into `<split>-<k>.tar`
@@ -39,7 +42,7 @@ from .chunks import token_chunks
 from .filters import FILTERS
 from .formats import ReadSpec, Record, SourceFile, records
 from .parts import parts_of, splittable
-from .shards import END_OF_ARCHIVE, WrittenShard, tar_samples
+from .shards import END_OF_ARCHIVE, NumberedKeys, WrittenShard, tar_samples
 from .sources import SPLITS
 from .tokenizer import encode_texts, shared_tokenizer
 
@@ -517,14 +520,18 @@ def _encode_batch(tok, origin: tuple[int, int], batch: list[Record], enc: Encode
 
 
 def _samples_of(origin: tuple[int, int], batch: list[Record], src: list | None, tgt: list,
-                enc: EncodeSpec) -> tuple[list[str], list[dict], list[str]]:
-    """(keys, fields, splits) of the batch's samples: one a record, or with `sample_tokens` one a chunk of
-    the record's tokens (key suffix `-cccc`). Whole lists at a time, not a generator a record."""
+                enc: EncodeSpec) -> tuple[list[str] | NumberedKeys, list[dict], list[str]]:
+    """(keys, fields, splits) of the batch's samples: one a record, key `<file index:06d>-<position:09d>`, or
+    with `sample_tokens` one a chunk of the record's tokens (key suffix `-cccc`). Whole lists at a time,
+    and the keys as `NumberedKeys` (no string a key) where every position has 9 digits."""
     index, first = origin
-    keys = [f"{index:06d}-{first + r.pos:09d}" for r in batch]
+    positions = np.fromiter((r.pos for r in batch), dtype=np.int64, count=len(batch)) + first
     if not enc.sample_tokens:
         fields = [{"tgt": t} for t in tgt] if src is None else [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
+        keys = NumberedKeys(f"{index:06d}-", positions, 9) if positions[-1] < 10**9 else \
+            [f"{index:06d}-{p:09d}" for p in positions.tolist()]
         return keys, fields, [r.split for r in batch]
+    keys = [f"{index:06d}-{p:09d}" for p in positions.tolist()]
     out: tuple[list, list, list] = ([], [], [])
     for key, rec, t in zip(keys, batch, tgt):
         for c, ids in enumerate(token_chunks(t, enc.sample_tokens, enc.sentence_ends)):

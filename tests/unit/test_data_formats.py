@@ -537,8 +537,9 @@ def test_fast_tar_headers_equal_tarfiles():
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
 def test_batched_tar_samples_equal_one_at_a_time(dtype):
     """The batch builder (whole-batch arrays) against `tar_sample` (itself checked against tarfile above):
-    empty, one-block and many-block payloads, keys of several lengths, src+tgt and tgt-only samples."""
-    from data_pipeline.shards import tar_sample, tar_samples
+    empty, one-block and many-block payloads, keys of several lengths, src+tgt and tgt-only samples; keys
+    given as `NumberedKeys` against the same keys as strings."""
+    from data_pipeline.shards import NumberedKeys, tar_sample, tar_samples
 
     rng = random.Random(dtype)
     top = 2**16 - 1 if dtype == "uint16" else 2**32 - 1
@@ -552,6 +553,14 @@ def test_batched_tar_samples_equal_one_at_a_time(dtype):
     assert tar_samples([], [], dtype)[0].size == 0
     with pytest.raises(ValueError, match="over 100 bytes"):
         tar_samples(["k" * 95], [{"tgt": [1]}], dtype)
+    for names in (("tgt",), ("src", "tgt")):  # keys as numbers (encode's form): the bytes of their strings
+        same = [{name: f[next(iter(f))] for name in names} for f in fields]
+        for prefix, digits in (("000007-", 9), ("1234567-", 9), ("k", 3)):
+            numbers = np.array([0, 10**digits - 1] + [rng.randrange(10**digits) for _ in same[2:]])
+            strings = [f"{prefix}{n:0{digits}d}" for n in numbers.tolist()]
+            got = tar_samples(NumberedKeys(prefix, numbers, digits), same, dtype)
+            want = tar_samples(strings, same, dtype)
+            assert got[0].tobytes() == want[0].tobytes() and got[1].tolist() == want[1].tolist()
 
 
 def test_max_documents_keeps_the_first_documents_of_the_corpus(tmp_path):
