@@ -32,6 +32,8 @@ from itertools import islice
 from pathlib import PurePosixPath
 from typing import IO, Iterator, NamedTuple, Sequence
 
+import numpy as np
+
 from .filters import TextFilter, cut, judge_many
 from .sources import restore_source
 from .storage import as_path, is_remote
@@ -389,6 +391,7 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
     try:
         while batch := list(islice(items, JUDGE_BATCH)):
             judged = judge_many([item.text for item in batch], spec.text_filter) if judge else None
+            given = None if known is None else np.asarray(known[i + 1:i + 1 + len(batch)]).tolist()  # ints
             for k, item in enumerate(batch):
                 i += 1
                 if item.group != group:
@@ -402,7 +405,7 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
                         verdicts.append(0)
                     continue
                 read += 1
-                verdict = known[i] if known is not None else \
+                verdict = given[k] if given is not None else \
                     _verdict(item.text, judged[0][k], judged[1][k], spec.text_filter, drops) if judge else -1
                 if verdict == WHOLE and spec.task == "text":  # `_samples`' answer, inline: the most common item
                     if verdicts is not None:
