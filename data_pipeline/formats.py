@@ -25,14 +25,11 @@ import io
 import json
 import lzma
 import os
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import PurePosixPath
-from typing import IO, Iterator, NamedTuple, Sequence
-
-import numpy as np
+from typing import IO, Iterator, NamedTuple
 
 from .filters import TextFilter, cut, judge_many
 from .sources import restore_source
@@ -368,17 +365,9 @@ def split_of(doc: str, valid_fraction: float, test_fraction: float) -> str:
     return "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
 
 
-WHOLE = 1
-"""`records`' verdict for an item kept as one piece; 0 = dropped, k >= 2 = cut into k - 1 pieces."""
-
-
-def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1, verdicts: array | None = None,
-            known: Sequence[int] | None = None) -> Iterator[Record]:
+def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1) -> Iterator[Record]:
     """The samples of one file after the filters (drops counted by filter); at most `max_docs` documents
     (in order of first appearance) when >= 0. Every text comes whitespace-normalised (`" ".join(t.split())`).
-
-    `verdicts` (an `array`) gets one entry per item read: 0 dropped, `WHOLE`, or 1 + its pieces. Given those
-    of an earlier pass as `known`, the same records come back without running the filters again.
 
     The prepare hot path (every item of the corpus passes here): items are judged `JUDGE_BATCH` at a time
     (`filters.judge_many`), the document key and split are looked up when the item's group changes, and
@@ -386,14 +375,11 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
     docs: dict[str, str] = {}  # document key → split
     group, doc, split = None, "", None  # the last item's group, its key and split (None: past max_docs)
     pos = read = 0
-    items, i = read_items(src, spec), -1
-    judge = known is None and spec.task != "pairs"
+    items, f, text_task = read_items(src, spec), spec.text_filter, spec.task == "text"
     try:
         while batch := list(islice(items, JUDGE_BATCH)):
-            judged = judge_many([item.text for item in batch], spec.text_filter) if judge else None
-            given = None if known is None else np.asarray(known[i + 1:i + 1 + len(batch)]).tolist()  # ints
+            reasons, units = judge_many([item.text for item in batch], f) if spec.task != "pairs" else ((), ())
             for k, item in enumerate(batch):
-                i += 1
                 if item.group != group:
                     group = item.group
                     doc = f"{src.name}:{group}" if group else src.name
@@ -401,22 +387,13 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
                     if split is None and len(docs) != max_docs:
                         split = docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
                 if split is None:
-                    if verdicts is not None:
-                        verdicts.append(0)
                     continue
                 read += 1
-                verdict = given[k] if given is not None else \
-                    _verdict(item.text, judged[0][k], judged[1][k], spec.text_filter, drops) if judge else -1
-                if verdict == WHOLE and spec.task == "text":  # `_samples`' answer, inline: the most common item
-                    if verdicts is not None:
-                        verdicts.append(WHOLE)
+                if text_task and reasons[k] is None and units[k] <= f.max_words:  # the most common item, inline
                     yield Record(pos, doc, split, None, " ".join(item.text.split()))
                     pos += 1
                     continue
-                verdict, samples = _samples(item, spec, drops, verdict)
-                if verdicts is not None:
-                    verdicts.append(verdict)
-                for s, t in samples:
+                for s, t in _samples(item, spec, drops, *((reasons[k], units[k]) if reasons else (None, -1))):
                     yield Record(pos, doc, split, s, t)
                     pos += 1
     finally:
@@ -426,36 +403,21 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
 JUDGE_BATCH = 4096
 
 
-def _verdict(block: str, reason: str | None, units: int, f: TextFilter, drops: Counter) -> int:
-    """The verdict of a block `judge_many` judged; a drop is counted."""
-    if reason:
-        drops[reason] += 1
-        return 0
-    if units <= f.max_words:
-        return WHOLE
-    return 1 + len(cut(" ".join(block.split()), f.max_words, units))
-
-
-def _samples(item: Item, spec: ReadSpec, drops: Counter, verdict: int = -1) -> tuple[int, list[tuple[str | None, str]]]:
-    """(the item's verdict, its samples); `verdict` (text tasks: from `_verdict` or an earlier pass) says
-    what the filters gave."""
+def _samples(item: Item, spec: ReadSpec, drops: Counter, reason: str | None, units: int) -> list[tuple[str | None, str]]:
+    """The item's samples; for text tasks, `reason` and `units` are what the filters gave it (`judge_many`)."""
     if spec.task == "pairs":
         s, t = " ".join(item.src.split()), " ".join(item.text.split())
         if not (s and t):
             drops["empty"] += 1
-            return 0, []
-        return WHOLE, [(s, t)]
-    pieces = _pieces(item.text, spec.text_filter, verdict)
+            return []
+        return [(s, t)]
+    if reason:
+        drops[reason] += 1
+        return []
+    pieces = cut(" ".join(item.text.split()), spec.text_filter.max_words, units)
     if spec.task != "restore":
-        return verdict, [(None, p) for p in pieces]
+        return [(None, p) for p in pieces]
     pairs = [(restore_source(p), p) for p in pieces]
     if not all(s for s, _ in pairs):
         drops["empty"] += sum(not s for s, _ in pairs)
-    return verdict, [(s, p) for s, p in pairs if s]
-
-
-def _pieces(block: str, f: TextFilter, verdict: int) -> list[str]:
-    if verdict == 0:
-        return []
-    text = " ".join(block.split())
-    return [text] if verdict == WHOLE else cut(text, f.max_words)
+    return [(s, p) for s, p in pairs if s]

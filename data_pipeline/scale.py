@@ -1,8 +1,9 @@
 """Prepare a user corpus as Ray tasks; the driver keeps counts, object references and the manifest.
 
-    scan     one task a file: read, filter (a batch of items at a time: `filters.judge_many`), split;
-             returns counts, a (hash, position) array for the de-duplication, the file's bottom-k sample
-             for the tokenizer (by content hash) and the filters' verdicts
+    scan     one streaming task a file: read, filter (a batch of items at a time: `filters.judge_many`),
+             split; yields the kept texts in `Texts` chunks while it reads (into the object store, where
+             they wait for `encode`), then a (hash, position) array for the de-duplication, the file's
+             bottom-k sample for the tokenizer (by content hash) and its counts
     dedup    one task a hash range (P equal ranges of the hash's first 64 bits): each file's table comes
              sorted by hash, so a task reads only its slice of every table; it sorts its entries by
              (hash, file, position) and drops all but the first of each hash; returns the dropped
@@ -11,8 +12,8 @@
              (`SampleTree`), then one training task: the globally
              smallest content hashes whose normalised text adds up to `data.tokenizer_sample_bytes`, in
              hash order (samples pass between tasks as arrays and one string: `Sample`)
-    encode   one streaming task a file: reads the file again and replays the scan's verdicts (no
-             filters), drops the duplicates, tokenizes in batches
+    encode   one streaming task a file: reads its scan's chunks (not the file), drops the duplicates,
+             tokenizes in batches
              and yields pieces of at most `shard_samples` samples of one split (tar bytes + offsets)
     write    one task a shard, on the driver's node: the slices of pieces that make samples
              [k·S, (k+1)·S) of a split, concatenated and closed into `<split>-<k>.tar`
@@ -20,7 +21,8 @@
 Every result is a function of the files and the config: file order, position in the file and content
 hashes decide everything, never how many tasks ran or which finished first. Shard boundaries are cut in
 the global sample order of each split (files in order), as pieces arrive in that order. The driver's
-memory holds object references, one counter row per file and at most a shard's worth of pieces a split.
+memory holds object references (a few a file, one per 16 MB chunk of kept text), one counter row per file
+and at most a shard's worth of pieces a split.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import warnings
 from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -118,7 +121,7 @@ class Runner:
                 raise ValueError(str(err.cause)) from None
             raise
 
-    def windowed(self, fn: Callable, jobs: list[tuple], **kw) -> Iterator:
+    def windowed(self, fn: Callable, jobs: Iterable[tuple], **kw) -> Iterator:
         """`fn(*job)` for every job, at most `self.tasks` in flight; results (refs) in job order."""
         window: list = []
         for job in jobs:
@@ -198,20 +201,88 @@ class BottomK:
         return self.kept
 
 
-def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int):
-    """Stage `scan` (4 returns): ScanSummary, the (hash, position, split) array sorted by hash, the tokenizer
-    sample, and the filters' verdict on every item read (`formats.records`; 4 bytes an item), so that `encode`
-    need not run the filters again. A record's position is its index here; its digest goes into one buffer
-    (16 bytes), its split into another (1 byte); counts come from those at the end, not a record at a time."""
+TEXT_CHUNK_BYTES = 16 << 20
+"""A scan task hands its kept texts to `encode` in chunks of about this many bytes (each an object-store
+object as soon as it is full), so that its memory does not follow the size of a file read whole."""
+
+
+@dataclass
+class Texts:
+    """Consecutive kept samples of a file or part, as `encode` reads them instead of the file: each sample's
+    split (index in SPLITS) and document (a number that changes where the document does), and its texts in
+    UTF-8 joined by newlines, which no text holds (`records` gives whitespace-normalised texts)."""
+
+    splits: np.ndarray
+    docs: np.ndarray
+    tgt: np.ndarray
+    src: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, splits: bytearray, docs: array, tgt: list[str], src: list[str] | None) -> "Texts":
+        return cls(np.frombuffer(bytes(splits), dtype=np.uint8), np.frombuffer(docs, dtype=np.int64).copy(),
+                   _joined(tgt), None if src is None else _joined(src))
+
+    def __len__(self) -> int:
+        return len(self.splits)
+
+    def texts(self) -> tuple[list[str], list[str] | None]:
+        """(targets, sources or None), a text a sample."""
+        return _split(self.tgt, len(self)), None if self.src is None else _split(self.src, len(self))
+
+
+def _joined(texts: list[str]) -> np.ndarray:
+    return np.frombuffer("\n".join(texts).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+
+
+def _split(data: np.ndarray, count: int) -> list[str]:
+    return data.tobytes().decode("utf-8", "surrogatepass").split("\n") if count else []
+
+
+class _Chunker:
+    """Kept samples gathered into `Texts` chunks of about `limit` bytes."""
+
+    def __init__(self, limit: int, pairs: bool):
+        self.limit, self.pairs, self.doc = limit, pairs, 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.splits, self.docs, self.tgt, self.src, self.bytes = bytearray(), array("q"), [], [], 0
+
+    def add(self, rec: Record, split: int, new_doc: bool) -> Texts | None:
+        self.doc += new_doc
+        self.splits.append(split)
+        self.docs.append(self.doc)
+        self.tgt.append(rec.tgt)
+        self.bytes += len(rec.tgt)
+        if self.pairs:
+            self.src.append(rec.src)
+            self.bytes += len(rec.src)
+        return self.flush() if self.bytes >= self.limit else None
+
+    def flush(self) -> Texts | None:
+        if not self.splits:
+            return None
+        out = Texts.of(self.splits, self.docs, self.tgt, self.src if self.pairs else None)
+        self._clear()
+        return out
+
+
+def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int,
+              chunk_bytes: int = TEXT_CHUNK_BYTES) -> Iterator:
+    """Stage `scan` (streaming) of a file or part: yields its kept samples as `Texts` chunks while it reads,
+    then the (hash, position, split) array sorted by hash, the tokenizer sample and ScanSummary (the last
+    three; the summary last, where a failed task's error stands: `scanned`). A record's position is its index here; its digest goes into one buffer (16 bytes), its split into
+    another (1 byte); counts come from those at the end, not a record at a time."""
     drops: Counter = Counter()
-    verdicts = array("I")
     digests, splits = bytearray(), bytearray()
     docs: list[set[str]] = [set(), set(), set()]
     sample = BottomK(sample_bytes)
+    chunks = _Chunker(chunk_bytes, pairs=spec.task != "text")
     split_index = {name: i for i, name in enumerate(SPLITS)}
     doc, s = None, 0
-    for rec in records(src, spec, drops, max_docs=max_docs, verdicts=verdicts):
-        if rec.doc != doc:
+    for rec in records(src, spec, drops, max_docs=max_docs):
+        new_doc = rec.doc != doc
+        if new_doc:
             doc, s = rec.doc, split_index[rec.split]
             docs[s].add(doc)
         digest, size = content_hash(rec)
@@ -219,16 +290,20 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int)
         splits.append(s)
         if s == 0 and sample_bytes:  # SPLITS[0] is train
             sample.add(digest, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt), size)
-    read = drops.pop("read", 0)
+        if (full := chunks.add(rec, s, new_doc)) is not None:
+            yield full
+    if (last := chunks.flush()) is not None:
+        yield last
     split_of = np.frombuffer(splits, dtype=np.uint8)
-    summary = ScanSummary(np.bincount(split_of, minlength=3).tolist(), [len(d) for d in docs], dict(drops), read)
     table = np.zeros(len(splits), HASH_DTYPE)
     if len(splits):
         halves = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
         table["hi"], table["lo"], table["split"] = halves[:, 0], halves[:, 1], split_of
         table["pos"] = np.arange(len(splits))
-    table = table[np.lexsort((table["pos"], table["lo"], table["hi"]))]
-    return summary, table, sample.sample(), np.frombuffer(verdicts, dtype=np.uint32)
+    yield table[np.lexsort((table["pos"], table["lo"], table["hi"]))]
+    yield sample.sample()
+    read = drops.pop("read", 0)
+    yield ScanSummary(np.bincount(split_of, minlength=3).tolist(), [len(d) for d in docs], dict(drops), read)
 
 
 # --- dedup ------------------------------------------------------------------------------------------
@@ -444,28 +519,74 @@ class Piece:
         return len(self.tokens)
 
 
-def encode_file(origin: tuple[int, int], src: SourceFile, spec: ReadSpec, max_docs: int, enc: EncodeSpec,
-                verdicts: np.ndarray, *drop_arrays: np.ndarray) -> Iterator:
-    """Stage `encode` (streaming) of a file or part, `origin` = (file index, position of its first sample):
-    for every piece, yields `(split, samples)` then the Piece itself. The filters are not run again:
-    `verdicts` (from `scan`) say what each item gave."""
+class Rows(NamedTuple):
+    """Samples to tokenize: positions in the part, split names, texts (sources for pairs)."""
+
+    pos: np.ndarray
+    split: list[str]
+    tgt: list[str]
+    src: list[str] | None
+
+
+def encode_file(origin: tuple[int, int], chunks: list, enc: EncodeSpec, *drop_arrays: np.ndarray) -> Iterator:
+    """Stage `encode` (streaming) of a file or part, `origin` = (file index, position of its first sample),
+    from the `Texts` chunks its scan kept (object references, fetched one at a time): for every piece,
+    yields `(split, samples)` then the Piece itself. The file is not read again."""
     _one_thread_in_a_task()
     tok = shared_tokenizer(enc.tok_json)
     index, first = origin
-    dropped = {p - first for p in dropped_positions(index, drop_arrays)}  # from the part's start, as `records`
+    dropped = np.array(sorted(p - first for p in dropped_positions(index, drop_arrays)), dtype=np.int64)
     open_pieces = {s: Piece(s) for s in SPLITS}
-    batch: list[Record] = []
-    recs = records(src, spec, Counter(), max_docs=max_docs, known=verdicts)
-    for rec in _rows(recs, dropped, enc.sample_tokens):
-        batch.append(rec)
-        if len(batch) >= ENCODE_BATCH:
+    for rows in _rows(chunks, dropped, enc.sample_tokens):
+        for b in range(0, len(rows.tgt), ENCODE_BATCH):
+            batch = Rows(rows.pos[b:b + ENCODE_BATCH], rows.split[b:b + ENCODE_BATCH], rows.tgt[b:b + ENCODE_BATCH],
+                         None if rows.src is None else rows.src[b:b + ENCODE_BATCH])
             yield from _encode_batch(tok, origin, batch, enc, open_pieces)
-            batch = []
-    yield from _encode_batch(tok, origin, batch, enc, open_pieces)
     for piece in open_pieces.values():
         if len(piece):
             yield piece.split, len(piece)
             yield piece.sealed()
+
+
+def _fetch(ref):
+    """A chunk: its reference's value in a Ray task, the chunk itself in this process."""
+    ray = sys.modules.get("ray")
+    return ray.get(ref) if ray is not None and isinstance(ref, ray.ObjectRef) else ref
+
+
+def _rows(chunks: list, dropped: np.ndarray, sample_tokens: int) -> Iterator[Rows]:
+    """The chunks' samples without duplicates (`dropped`: positions in the part), a chunk at a time; with
+    `sample_tokens`, the consecutive samples of a document joined into its first (across chunks too)."""
+    offset, group = 0, None  # group: [position, split, document, texts] of the document being joined
+    for ref in chunks:
+        texts = _fetch(ref)
+        tgt, src = texts.texts()
+        pos = np.arange(offset, offset + len(texts), dtype=np.int64)
+        offset += len(texts)
+        keep = ~np.isin(pos, dropped)
+        if not keep.all():
+            tgt, src = list(compress(tgt, keep)), None if src is None else list(compress(src, keep))
+        splits = [SPLITS[i] for i in texts.splits[keep].tolist()]
+        if not sample_tokens:
+            yield Rows(pos[keep], splits, tgt, src)
+            continue
+        joined: list[list] = []
+        for p, split, doc, t in zip(pos[keep].tolist(), splits, texts.docs[keep].tolist(), tgt):
+            if group is not None and doc != group[2]:
+                joined.append(group)
+                group = None
+            if group is None:
+                group = [p, split, doc, [t]]
+            else:
+                group[3].append(t)
+        yield _joined_rows(joined)
+    if group is not None:
+        yield _joined_rows([group])
+
+
+def _joined_rows(groups: list[list]) -> Rows:
+    return Rows(np.array([g[0] for g in groups], dtype=np.int64), [g[1] for g in groups],
+                [" ".join(g[3]) for g in groups], None)
 
 
 def _one_thread_in_a_task() -> None:
@@ -476,30 +597,13 @@ def _one_thread_in_a_task() -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _rows(recs: Iterator[Record], dropped: set[int], sample_tokens: int) -> Iterator[Record]:
-    """Records without duplicates; with `sample_tokens`, consecutive records of a document joined."""
-    kept = (r for r in recs if r.pos not in dropped) if dropped else recs
-    if not sample_tokens:
-        yield from kept
-        return
-    doc: list[Record] = []
-    for rec in kept:
-        if doc and rec.doc != doc[0].doc:
-            yield doc[0]._replace(tgt=" ".join(r.tgt for r in doc))
-            doc = []
-        doc.append(rec)
-    if doc:
-        yield doc[0]._replace(tgt=" ".join(r.tgt for r in doc))
-
-
-def _encode_batch(tok, origin: tuple[int, int], batch: list[Record], enc: EncodeSpec,
-                  pieces: dict[str, Piece]) -> Iterator:
+def _encode_batch(tok, origin: tuple[int, int], batch: Rows, enc: EncodeSpec, pieces: dict[str, Piece]) -> Iterator:
     """The batch's samples, tokenized and as tar bytes, appended to its split's piece; yields full pieces. A
     sample's key is its file index and its position in the file (`origin[1]` + its position in the part)."""
-    if not batch:
+    if not batch.tgt:
         return
-    tgt = encode_texts(tok, [r.tgt for r in batch])
-    src = encode_texts(tok, [r.src for r in batch]) if batch[0].src is not None else None
+    tgt = encode_texts(tok, batch.tgt)
+    src = encode_texts(tok, batch.src) if batch.src is not None else None
     keys, fields, splits = _samples_of(origin, batch, src, tgt, enc)
     data, ends = tar_samples(keys, fields, enc.dtype)
     starts = np.concatenate(([0], ends[:-1]))
@@ -519,25 +623,25 @@ def _encode_batch(tok, origin: tuple[int, int], batch: list[Record], enc: Encode
         i = j
 
 
-def _samples_of(origin: tuple[int, int], batch: list[Record], src: list | None, tgt: list,
+def _samples_of(origin: tuple[int, int], batch: Rows, src: list | None, tgt: list,
                 enc: EncodeSpec) -> tuple[list[str] | NumberedKeys, list[dict], list[str]]:
     """(keys, fields, splits) of the batch's samples: one a record, key `<file index:06d>-<position:09d>`, or
     with `sample_tokens` one a chunk of the record's tokens (key suffix `-cccc`). Whole lists at a time,
     and the keys as `NumberedKeys` (no string a key) where every position has 9 digits."""
     index, first = origin
-    positions = np.fromiter((r.pos for r in batch), dtype=np.int64, count=len(batch)) + first
+    positions = batch.pos + first
     if not enc.sample_tokens:
         fields = [{"tgt": t} for t in tgt] if src is None else [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
         keys = NumberedKeys(f"{index:06d}-", positions, 9) if positions[-1] < 10**9 else \
             [f"{index:06d}-{p:09d}" for p in positions.tolist()]
-        return keys, fields, [r.split for r in batch]
+        return keys, fields, batch.split
     keys = [f"{index:06d}-{p:09d}" for p in positions.tolist()]
     out: tuple[list, list, list] = ([], [], [])
-    for key, rec, t in zip(keys, batch, tgt):
+    for key, split, t in zip(keys, batch.split, tgt):
         for c, ids in enumerate(token_chunks(t, enc.sample_tokens, enc.sentence_ends)):
             out[0].append(f"{key}-{c:04d}")
             out[1].append({"tgt": ids})
-            out[2].append(rec.split)
+            out[2].append(split)
     return out
 
 
@@ -632,12 +736,12 @@ def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: 
     caps = [-1] * len(files)
     # `rescan` replaces files' samples one by one, so with max_documents they are merged only after it
     tree = SampleTree(runner, sample_bytes) if sample_bytes and not max_documents else None
-    summaries, hashes, samples, verdicts = scan(files, spec, caps, runner, sample_bytes, progress, tree)
+    summaries, hashes, samples, texts = scan(files, spec, caps, runner, sample_bytes, progress, tree)
     if max_documents:
         caps = document_caps([s.documents for s in summaries], max_documents)
         owners = [o for o, c in zip(owners, caps) if c != 0]
-        files, caps, summaries, hashes, samples, verdicts = rescan(files, spec, caps, summaries, hashes, samples,
-                                                                   verdicts, runner, sample_bytes)
+        files, caps, summaries, hashes, samples, texts = rescan(files, spec, caps, summaries, hashes, samples, texts,
+                                                                runner, sample_bytes)
     origins = part_origins(owners, summaries)
     read = sum(s.read for s in summaries)
     drops = sum((Counter(s.drops) for s in summaries), Counter())
@@ -653,7 +757,7 @@ def run_corpus(files: list[SourceFile], spec: ReadSpec, *, runner: Runner, out: 
     tok_json = runner.get(tok_ref)
     enc = encoding(tok_json)
     total = None if enc.sample_tokens else sum(kept) - sum(dups)
-    written = encode_and_write(files, origins, spec, caps, verdicts, enc, drop_refs, runner, out, total, progress)
+    written = encode_and_write(origins, texts, enc, drop_refs, runner, out, total, progress)
     documents = {split: sum(s.documents[i] for s in summaries) for i, split in enumerate(SPLITS)}
     return CorpusResult(written, documents, filters, tok_json)
 
@@ -691,22 +795,32 @@ def part_origins(owners: list[int], summaries: list[ScanSummary]) -> np.ndarray:
 
 
 def scan(files, spec, caps, runner: Runner, sample_bytes: int, progress: bool, tree: SampleTree | None = None):
-    """Every file's summary (here) and hash table, sample and verdicts (references); with `tree`, the samples
-    are merged as they come and what is left of the tree comes back instead."""
-    summaries, hashes, samples, verdicts = [], [], [], []
+    """Every file's summary (here) and hash table, sample and kept-text chunks (references); with `tree`, the
+    samples are merged as they come and what is left of the tree comes back instead."""
+    summaries, hashes, samples, texts = [], [], [], []
     with bar("read", len(files), "part", progress) as b:
-        for refs in runner.windowed(scan_file, [(f, spec, c, sample_bytes) for f, c in zip(files, caps)],
-                                    num_returns=4):
-            summaries.append(runner.get(refs[0]))
-            hashes.append(refs[1])
+        for gen in runner.windowed(scan_file, [(f, spec, c, sample_bytes) for f, c in zip(files, caps)],
+                                   num_returns="streaming"):
+            summary, chunks, table, sample = scanned(runner, gen)
+            summaries.append(summary)
+            hashes.append(table)
             if tree is None:
-                samples.append(refs[2])
+                samples.append(sample)
             else:
-                tree.add(refs[2])
-            verdicts.append(refs[3])
+                tree.add(sample)
+            texts.append(chunks)
             b.update(1)
             b.set_postfix(samples=sum(sum(s.samples) for s in summaries), refresh=False)
-    return summaries, hashes, samples if tree is None else tree.refs(), verdicts
+    return summaries, hashes, samples if tree is None else tree.refs(), texts
+
+
+def scanned(runner: Runner, gen) -> tuple[ScanSummary, list, Any, Any]:
+    """(summary, chunk references, table reference, sample reference) of a `scan_file` task. Its summary is
+    fetched first: it comes last, and a task that failed ends its stream with its error instead."""
+    refs = list(gen)
+    summary = runner.get(refs[-1])
+    *chunks, table, sample = refs[:-1]
+    return summary, chunks, table, sample
 
 
 def document_caps(documents: list[list[int]], max_documents: int) -> list[int]:
@@ -719,16 +833,16 @@ def document_caps(documents: list[list[int]], max_documents: int) -> list[int]:
     return caps
 
 
-def rescan(files, spec, caps, summaries, hashes, samples, verdicts, runner: Runner, sample_bytes: int):
+def rescan(files, spec, caps, summaries, hashes, samples, texts, runner: Runner, sample_bytes: int):
     """Drop files past `data.max_documents`; scan the file it cuts again with its cap."""
     keep = [i for i, c in enumerate(caps) if c != 0]
     files, caps = [files[i] for i in keep], [caps[i] for i in keep]
-    summaries, hashes, samples, verdicts = ([lst[i] for i in keep] for lst in (summaries, hashes, samples, verdicts))
+    summaries, hashes, samples, texts = ([lst[i] for i in keep] for lst in (summaries, hashes, samples, texts))
     for j, cap in enumerate(caps):
         if cap > 0:
-            refs = runner.submit(scan_file, files[j], spec, cap, sample_bytes, num_returns=4)
-            summaries[j], hashes[j], samples[j], verdicts[j] = runner.get(refs[0]), refs[1], refs[2], refs[3]
-    return files, caps, summaries, hashes, samples, verdicts
+            gen = runner.submit(scan_file, files[j], spec, cap, sample_bytes, num_returns="streaming")
+            summaries[j], texts[j], hashes[j], samples[j] = scanned(runner, gen)
+    return files, caps, summaries, hashes, samples, texts
 
 
 def deduplicate(hashes: list, origins: np.ndarray, entries: int, runner: Runner,
@@ -765,15 +879,21 @@ class ShardWrites:
             self.bar.update(1)
 
 
-def encode_and_write(files, origins: np.ndarray, spec, caps, verdicts: list, enc: EncodeSpec, drop_refs: list,
-                     runner: Runner, out: Path, total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
-    """Encode every file (in file order) and cut each split's pieces into shards as they arrive. The encode
-    settings (the tokenizer's JSON) go to the object store once, not once a task; the written shards are
-    collected while encoding goes on (`ShardWrites`)."""
+def _taken(items: list, i: int):
+    """`items[i]`, which the list no longer holds."""
+    item, items[i] = items[i], None
+    return item
+
+
+def encode_and_write(origins: np.ndarray, texts: list[list], enc: EncodeSpec, drop_refs: list, runner: Runner,
+                     out: Path, total: int | None, progress: bool) -> dict[str, list[WrittenShard]]:
+    """Encode every file or part (in order) from its scan's chunks and cut each split's pieces into shards as
+    they arrive. The encode settings (the tokenizer's JSON) go to the object store once, not once a task; a
+    part's chunks are passed as a list (so a task fetches them one at a time) and let go of once its task is
+    submitted; the written shards are collected while encoding goes on (`ShardWrites`)."""
     cutters = {s: ShardCutter(s, enc.shard_samples, out) for s in SPLITS}
     enc_ref = runner.put(enc)
-    jobs = [(tuple(o), f, spec, c, enc_ref, v, *drop_refs)
-            for o, f, c, v in zip(origins.tolist(), files, caps, verdicts)]
+    jobs = ((tuple(o), _taken(texts, i), enc_ref, *drop_refs) for i, o in enumerate(origins.tolist()))
     window = 2 * runner.tasks
     with bar("tokenize", total, "sample", progress) as tb, bar("write", None, "shard", progress) as wb:
         writes = ShardWrites(runner, wb)

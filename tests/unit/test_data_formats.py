@@ -258,27 +258,90 @@ def test_filters_judged_a_batch_at_a_time_agree_with_one_at_a_time():
 
 
 @pytest.mark.parametrize("task, max_docs", [("text", -1), ("restore", -1), ("text", 3), ("pairs", -1)])
-def test_the_encode_pass_replays_the_scan_pass_without_the_filters(tmp_path, task, max_docs):
-    """`encode` reads a file again and trusts `scan`'s verdicts instead of filtering again: it must get the very
-    same records (kept whole, cut at sentence ends, truncated, dropped by each filter, past max_docs)."""
+def test_records_are_the_one_item_filters_applied_in_order(tmp_path, task, max_docs):
+    """`records` (items judged a batch at a time, lookups cached per document) against the one-item
+    definitions applied line by line: kept whole, cut at sentence ends, truncated, dropped by each filter,
+    past max_docs; the same drop counts; whitespace-normalised texts, which `content_hash` relies on."""
+    from data_pipeline.sources import restore_source
+
     rows = [*sentences(30), "Too short.", ">>> code line here and more words", "| 1 | 2 | 3 | 4 | 5 | 6 |",
             "  spaced   out    words that   stay one sample  ",
             "一二三四五。六七八九十。一二三四五六七八九十一二三四五",
             " ".join(["First sentence is long enough here."] * 4), "word " * 40, "", "... and a continuation",
-            "Straße ß odd\u00a0white\x0bspace\x1cbetween\u3000these\u2028Words and\x85More"]
-    rows = [r.replace("\t", " ") for r in rows]
+            "Straße ß odd\u00a0white\x0bspace\x1cbetween\u3000these\u2028Words and\x85More", " " * 4, "?! ;; ::"]
     path = tmp_path / ("c.tsv" if task == "pairs" else "c.lines")
     path.write_text("\n".join((f"{r}\tx {r}" if task == "pairs" else r) for r in rows) + "\n")
     src = list_sources([str(path)], "auto" if task == "pairs" else "lines")[0]
-    rs = ReadSpec(task=task, doc_lines=4, text_filter=TextFilter(min_words=3, max_words=8))
-    verdicts = array("I")
-    first = list(records(src, rs, Counter(), max_docs=max_docs, verdicts=verdicts))
-    assert len(verdicts) == len(rows) and len(set(verdicts)) >= (2 if task == "pairs" else 3), list(verdicts)
-    assert list(records(src, rs, Counter(), max_docs=max_docs, known=verdicts)) == first
-    for rec in first:  # texts come whitespace-normalised: `content_hash` folds only case, as its definition
+    f = TextFilter(min_words=3, max_words=8)
+    rs = ReadSpec(task=task, doc_lines=4, text_filter=f)
+    read = rows[:4 * max_docs] if max_docs >= 0 else rows
+    want, want_drops = [], Counter()
+    for row in read:
+        if task == "pairs":
+            s, t = " ".join(row.split()), " ".join(f"x {row}".split())
+            want += [(s, t)] if s else []
+            want_drops["empty"] += not s
+            continue
+        for piece in filter_text(row, f, want_drops):
+            if task == "text":
+                want.append((None, piece))
+            elif restore_source(piece):
+                want.append((restore_source(piece), piece))
+            else:
+                want_drops["empty"] += 1
+    drops = Counter()
+    got = list(records(src, rs, drops, max_docs=max_docs))
+    assert [(r.src, r.tgt) for r in got] == want and [r.pos for r in got] == list(range(len(want)))
+    assert drops == +Counter({**want_drops, "read": len(read)})
+    for rec in got:  # texts come whitespace-normalised: `content_hash` folds only case, as its definition
         assert all(t == " ".join(t.split()) for t in (rec.src or "", rec.tgt)), rec
         norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold().encode()
         assert scale.content_hash(rec) == (hashlib.blake2b(norm, digest_size=16).digest(), len(norm))
+
+
+@pytest.mark.parametrize("task, sample_tokens", [("text", 0), ("restore", 0), ("pairs", 0), ("text", 6)])
+def test_encode_reads_the_scans_chunks_the_same_whatever_their_size(tmp_path, task, sample_tokens):
+    """`encode` reads what `scan` kept, in `Texts` chunks, instead of the file: the same pieces as the records
+    of the file read directly, whatever the chunk size (a sample a chunk, a few, one chunk), with duplicates
+    dropped at chunk edges and documents joined across chunks (`sample_tokens`)."""
+    rows = sentences(60) + ["一二三四五六七八九十。" * 2, "ذهب الولد إلى المدرسة", "Straße ß e\u0301"] * 2
+    path = tmp_path / ("c.tsv" if task == "pairs" else "c.lines")
+    path.write_text("\n".join((f"{r}\tx {r}" if task == "pairs" else r) for r in rows) + "\n")
+    src = list_sources([str(path)], "auto" if task == "pairs" else "lines")[0]
+    rs = ReadSpec(task=task, doc_lines=4, text_filter=TextFilter(min_words=1, max_words=8))
+    want = list(records(src, rs, Counter()))
+    tok = train_tokenizer([t for r in want for t in (r.src or "", r.tgt)], kind="bpe", vocab_size=300, num_sentinels=4)
+    enc = scale.EncodeSpec(tok.to_str(), "uint16", 7, sample_tokens)
+    dropped = np.array([(0, p) for p in (0, 5, 6, 13, len(want) - 1)], dtype=scale.DROP_DTYPE)
+
+    def pieces(chunk_bytes):
+        chunks = list(scale.scan_file(src, rs, -1, 0, chunk_bytes))[:-3]
+        assert sum(len(c) for c in chunks) == len(want)
+        got = [(t, s) for c in chunks for t, s in zip(*(lambda tg, sr: (tg, sr or [None] * len(tg)))(*c.texts()))]
+        assert got == [(r.tgt, r.src) for r in want]
+        return len(chunks), [(p.split, p.data.tobytes(), p.offsets, p.tokens)
+                             for p in scale.encode_file((0, 0), chunks, enc, dropped) if isinstance(p, scale.Piece)]
+
+    (n1, one), (nf, few), (na, alone) = pieces(1 << 30), pieces(200), pieces(1)
+    assert n1 == 1 < nf < na == len(want) and one == few == alone and len(one) > 2
+    names = [data[a:a + 100].split(b"\0")[0].decode() for _, data, offsets, _ in one for a in offsets[:-1]]
+    first = sorted(int(n.split(".")[0].split("-")[1]) for n in names if n.split(".")[0].count("-") == 1 or sample_tokens)
+    kept = [r.pos for r in want if r.pos not in set(dropped["pos"].tolist())]
+    if not sample_tokens:  # every kept sample once, under its position; the dropped ones nowhere
+        assert first == kept
+    else:  # each kept document's first sample starts a run of chunks
+        docs = {}
+        for r in want:
+            if r.pos in kept:
+                docs.setdefault(r.doc, r.pos)
+        assert sorted(set(first)) == sorted(docs.values())
+
+
+def test_texts_round_trip_every_character():
+    texts = ["a b", "", "中文 ذهب", "\ud800 lone", "🙂", "x" * 1000]
+    chunk = scale.Texts.of(bytearray([0, 1, 2, 0, 0, 1]), array("q", range(6)), texts, texts[::-1])
+    assert chunk.texts() == (texts, texts[::-1]) and len(chunk) == 6
+    assert scale.Texts.of(bytearray(), array("q"), [], None).texts() == ([], None)
 
 
 def test_filter_counts_reach_the_manifest_and_a_greedy_filter_warns(tmp_path):
@@ -596,14 +659,14 @@ tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=2000, special_toke
 tok_json = tok.to_str()
 src = list_sources([f"{folder}/a.txt"], "lines")[0]
 spec = ReadSpec(task="text", doc_lines=100, text_filter=TextFilter(min_words=1, max_words=1000))
-verdicts = scale.scan_file(src, spec, -1, 0)[3]
+chunks = list(scale.scan_file(src, spec, -1, 0))[:-3]  # then the table, sample and summary
 no_drops = np.zeros(0, scale.DROP_DTYPE)
 rss = []
 for task in range(12):  # what one Ray worker does for 12 encode tasks: each gets its own copy of the JSON
     enc = scale.EncodeSpec(json.loads(json.dumps(tok_json)), "uint16", 500)
     if mode == "fresh":  # the reference: a tokenizer built per task, as before
         scale.shared_tokenizer.cache_clear()
-    for _ in scale.encode_file((0, 0), src, spec, -1, enc, verdicts, no_drops):
+    for _ in scale.encode_file((0, 0), chunks, enc, no_drops):
         pass
     info = psutil.Process().memory_info()
     rss.append(info.rss - info.shared)
