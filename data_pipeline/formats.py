@@ -403,7 +403,8 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
 JUDGE_BATCH = 4096
 
 
-def _samples(item: Item, spec: ReadSpec, drops: Counter, reason: str | None, units: int) -> list[tuple[str | None, str]]:
+def _samples(item: Item, spec: ReadSpec, drops: Counter, reason: str | None,
+             units: int) -> list[tuple[str | None, str]]:
     """The item's samples; for text tasks, `reason` and `units` are what the filters gave it (`judge_many`)."""
     if spec.task == "pairs":
         s, t = " ".join(item.src.split()), " ".join(item.text.split())

@@ -21,7 +21,7 @@
 Every result is a function of the files and the config: file order, position in the file and content
 hashes decide everything, never how many tasks ran or which finished first. Shard boundaries are cut in
 the global sample order of each split (files in order), as pieces arrive in that order. The driver's
-memory holds object references (a few a file, one per 16 MB chunk of kept text), one counter row per file
+memory holds object references (a few a file, one per 16 M characters of kept text), one counter row per file
 and at most a shard's worth of pieces a split.
 """
 
@@ -201,9 +201,9 @@ class BottomK:
         return self.kept
 
 
-TEXT_CHUNK_BYTES = 16 << 20
-"""A scan task hands its kept texts to `encode` in chunks of about this many bytes (each an object-store
-object as soon as it is full), so that its memory does not follow the size of a file read whole."""
+TEXT_CHUNK_CHARS = 16 << 20
+"""A scan task hands its kept texts to `encode` in chunks of about this many characters (each an
+object-store object as soon as it is full), so that its memory does not follow the size of a file."""
 
 
 @dataclass
@@ -239,25 +239,25 @@ def _split(data: np.ndarray, count: int) -> list[str]:
 
 
 class _Chunker:
-    """Kept samples gathered into `Texts` chunks of about `limit` bytes."""
+    """Kept samples gathered into `Texts` chunks of about `limit` characters."""
 
     def __init__(self, limit: int, pairs: bool):
         self.limit, self.pairs, self.doc = limit, pairs, 0
         self._clear()
 
     def _clear(self) -> None:
-        self.splits, self.docs, self.tgt, self.src, self.bytes = bytearray(), array("q"), [], [], 0
+        self.splits, self.docs, self.tgt, self.src, self.chars = bytearray(), array("q"), [], [], 0
 
     def add(self, rec: Record, split: int, new_doc: bool) -> Texts | None:
         self.doc += new_doc
         self.splits.append(split)
         self.docs.append(self.doc)
         self.tgt.append(rec.tgt)
-        self.bytes += len(rec.tgt)
+        self.chars += len(rec.tgt)
         if self.pairs:
             self.src.append(rec.src)
-            self.bytes += len(rec.src)
-        return self.flush() if self.bytes >= self.limit else None
+            self.chars += len(rec.src)
+        return self.flush() if self.chars >= self.limit else None
 
     def flush(self) -> Texts | None:
         if not self.splits:
@@ -268,16 +268,17 @@ class _Chunker:
 
 
 def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int,
-              chunk_bytes: int = TEXT_CHUNK_BYTES) -> Iterator:
+              chunk_chars: int = TEXT_CHUNK_CHARS) -> Iterator:
     """Stage `scan` (streaming) of a file or part: yields its kept samples as `Texts` chunks while it reads,
     then the (hash, position, split) array sorted by hash, the tokenizer sample and ScanSummary (the last
-    three; the summary last, where a failed task's error stands: `scanned`). A record's position is its index here; its digest goes into one buffer (16 bytes), its split into
-    another (1 byte); counts come from those at the end, not a record at a time."""
+    three; the summary last, where a failed task's error stands: `scanned`). A record's position is its
+    index here; its digest goes into one buffer (16 bytes), its split into another (1 byte); counts come
+    from those at the end, not a record at a time."""
     drops: Counter = Counter()
     digests, splits = bytearray(), bytearray()
     docs: list[set[str]] = [set(), set(), set()]
     sample = BottomK(sample_bytes)
-    chunks = _Chunker(chunk_bytes, pairs=spec.task != "text")
+    chunks = _Chunker(chunk_chars, pairs=spec.task != "text")
     split_index = {name: i for i, name in enumerate(SPLITS)}
     doc, s = None, 0
     for rec in records(src, spec, drops, max_docs=max_docs):

@@ -114,14 +114,14 @@ def tar_samples(keys: list[str] | NumberedKeys, fields: list[dict[str, list[int]
         raise ValueError(f"tar member name over 100 bytes: {bytes(names[np.argmax((names > 0).sum(1))])!r}")
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
     payload = np.fromiter(chain.from_iterable(lists), dtype=DTYPE_OF_SUFFIX[suffix], count=int(lengths.sum()))
-    payload = payload.view(np.uint8)
     sizes = lengths * itemsize
     blocks = 1 + -(-sizes // BLOCK)  # the header, then the payload padded to whole blocks
     starts = np.concatenate(([0], np.cumsum(blocks)[:-1])) * BLOCK
     out = np.zeros(int(blocks.sum()) * BLOCK, dtype=np.uint8)
     out.reshape(-1, BLOCK)[starts // BLOCK] = _headers(names, sizes)
-    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    out[np.repeat(starts + BLOCK - first, sizes) + np.arange(len(payload))] = payload
+    first = np.concatenate(([0], np.cumsum(lengths)[:-1]))  # each member's first token in `payload`
+    ids = out.view(payload.dtype)  # a payload starts on a block: placed a token (not a byte) at a time
+    ids[np.repeat((starts + BLOCK) // itemsize - first, lengths) + np.arange(len(payload))] = payload
     per_sample = np.add.reduceat(blocks, np.cumsum([0] + [len(f) for f in fields[:-1]]))
     return out, np.cumsum(per_sample) * BLOCK
 
@@ -135,9 +135,11 @@ def _headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """`ustar_header(name, size)` of every member, as rows of a (members, 512) array; `names`: NUL-padded rows."""
     h = np.tile(np.frombuffer(_HEADER_TEMPLATE, dtype=np.uint8), (len(names), 1))
     h[:, :names.shape[1]] = names
-    h[:, 124:135] = _octal(sizes, 11)  # then the size field's NUL, as in the template
+    h[:, 124:135] = size = _octal(sizes, 11)  # then the size field's NUL, as in the template
     h[:, 135] = 0
-    checksum = h.sum(axis=1, dtype=np.int64)  # the checksum field counts as 8 spaces (the template's)
+    # the sum of the header's bytes, as `ustar_header`: the template's (its checksum field counting as 8
+    # spaces, its name and size fields zeros) plus the name and size set here, not 512 bytes summed a member
+    checksum = _TEMPLATE_SUM + names.sum(axis=1, dtype=np.int64) + size.sum(axis=1, dtype=np.int64)
     h[:, 148:154] = _octal(checksum, 6)
     h[:, 154:156] = (0, ord(" "))
     return h

@@ -314,8 +314,8 @@ def test_encode_reads_the_scans_chunks_the_same_whatever_their_size(tmp_path, ta
     enc = scale.EncodeSpec(tok.to_str(), "uint16", 7, sample_tokens)
     dropped = np.array([(0, p) for p in (0, 5, 6, 13, len(want) - 1)], dtype=scale.DROP_DTYPE)
 
-    def pieces(chunk_bytes):
-        chunks = list(scale.scan_file(src, rs, -1, 0, chunk_bytes))[:-3]
+    def pieces(chunk_chars):
+        chunks = list(scale.scan_file(src, rs, -1, 0, chunk_chars))[:-3]
         assert sum(len(c) for c in chunks) == len(want)
         got = [(t, s) for c in chunks for t, s in zip(*(lambda tg, sr: (tg, sr or [None] * len(tg)))(*c.texts()))]
         assert got == [(r.tgt, r.src) for r in want]
@@ -324,8 +324,9 @@ def test_encode_reads_the_scans_chunks_the_same_whatever_their_size(tmp_path, ta
 
     (n1, one), (nf, few), (na, alone) = pieces(1 << 30), pieces(200), pieces(1)
     assert n1 == 1 < nf < na == len(want) and one == few == alone and len(one) > 2
-    names = [data[a:a + 100].split(b"\0")[0].decode() for _, data, offsets, _ in one for a in offsets[:-1]]
-    first = sorted(int(n.split(".")[0].split("-")[1]) for n in names if n.split(".")[0].count("-") == 1 or sample_tokens)
+    keys = [data[a:a + 100].split(b"\0")[0].decode().split(".")[0] for _, data, offsets, _ in one
+            for a in offsets[:-1]]  # each sample's first member name, up to its field
+    first = sorted(int(key.split("-")[1]) for key in keys)
     kept = [r.pos for r in want if r.pos not in set(dropped["pos"].tolist())]
     if not sample_tokens:  # every kept sample once, under its position; the dropped ones nowhere
         assert first == kept
