@@ -27,7 +27,7 @@ from data_pipeline.config import FieldsConfig
 from data_pipeline.filters import TextFilter, filter_text, text_units
 from data_pipeline.formats import ReadSpec, list_sources, records, split_of
 from data_pipeline import scale
-from data_pipeline.scale import (BottomK, Runner, Sample, SampleTree, merge_samples, merged_sample, reduce_samples,
+from data_pipeline.scale import (BottomK, Runner, SampleTree, merge_samples, merged_sample, reduce_samples,
                                  split_files)
 from data_pipeline.tokenizer import encode_texts, train_tokenizer
 
