@@ -92,15 +92,7 @@ def alpha_share(text: str, enough: float = 1.0, visible: int = -1) -> float:
 def looks_like_code(block: str) -> bool:
     if block.strip() and block.lstrip("\n")[0].isspace():
         return True  # an indented block: a code sample, grammar rule or listing
-    lines = block.splitlines()
-    if len(lines) == 1:  # most items are one line: no generator (the prepare hot path)
-        return lines[0].lstrip().startswith(_CODE_STARTS)
-    return any(line.lstrip().startswith(_CODE_STARTS) for line in lines)
-
-
-def rejected_by(block: str, f: TextFilter) -> str | None:
-    """The first filter that drops `block` (raw text, before whitespace is normalized), or None."""
-    return _judged(block, f)[0]
+    return any(line.lstrip().startswith(_CODE_STARTS) for line in block.splitlines())
 
 
 def _judged(block: str, f: TextFilter) -> tuple[str | None, str, int]:

@@ -378,7 +378,8 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
     items, f, text_task = read_items(src, spec), spec.text_filter, spec.task == "text"
     try:
         while batch := list(islice(items, JUDGE_BATCH)):
-            reasons, units = judge_many([item.text for item in batch], f) if spec.task != "pairs" else ((), ())
+            reasons, units = judge_many([item.text for item in batch], f) if spec.task != "pairs" else \
+                ([None] * len(batch), [-1] * len(batch))  # pairs are only checked for emptiness
             for k, item in enumerate(batch):
                 if item.group != group:
                     group = item.group
@@ -393,7 +394,7 @@ def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = 
                     yield Record(pos, doc, split, None, " ".join(item.text.split()))
                     pos += 1
                     continue
-                for s, t in _samples(item, spec, drops, *((reasons[k], units[k]) if reasons else (None, -1))):
+                for s, t in _samples(item, spec, drops, reasons[k], units[k]):
                     yield Record(pos, doc, split, s, t)
                     pos += 1
     finally:
