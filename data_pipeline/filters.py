@@ -20,6 +20,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -110,23 +111,46 @@ def _judged(block: str, f: TextFilter) -> tuple[str | None, str, int]:
     return ("min_words" if units < f.min_words else None), text, units
 
 
+class Judgments(NamedTuple):
+    """`judge_arrays`' answers, one entry a block."""
+
+    reason: np.ndarray
+    """0: kept, else 1 + the index in FILTERS of the first filter that drops the block (uint8)."""
+    units: np.ndarray
+    """Its length in units, -1 where not counted (as `_judged`)."""
+    normal: np.ndarray
+    """Whether it is whitespace-normalised already (it equals `" ".join(block.split())`)."""
+
+
+REASONS = (None, *FILTERS)
+"""`Judgments.reason`'s codes, by name."""
+
+
 def judge_many(blocks: list[str], f: TextFilter) -> tuple[list[str | None], list[int]]:
-    """`_judged` of many blocks at once: (each block's reason or None, its units or -1), the same answers
-    from whole-array operations on the blocks' code points (flags per code point from `_CharFlags`,
-    sums per block by `np.add.reduceat`) instead of a few Python calls a block: the prepare hot path
-    (parity with `_judged` in the tests). A block with a line break inside goes through `_judged`."""
+    """`_judged` of many blocks at once: (each block's reason or None, its units or -1); see `judge_arrays`."""
+    j = judge_arrays(blocks, f)
+    return [REASONS[r] for r in j.reason.tolist()], j.units.tolist()
+
+
+def judge_arrays(blocks: list[str], f: TextFilter) -> Judgments:
+    """`_judged` of many blocks at once, from whole-array operations on the blocks' code points (flags per
+    code point from `_CharFlags`, sums per block by `np.add.reduceat`) instead of a few Python calls a
+    block: the prepare hot path (parity with `_judged` in the tests). A block with a line break inside
+    goes through `_judged`. Also says which blocks need no whitespace normalisation."""
+    n = len(blocks)
     if not any(blocks):
-        return ["empty"] * len(blocks), [-1] * len(blocks)
+        return Judgments(np.full(n, 1 + FILTERS.index("empty"), np.uint8), np.full(n, -1, np.int64),
+                         np.array([not b for b in blocks], dtype=bool))
     cps = np.frombuffer("".join(blocks).encode("utf-32-le", "surrogatepass"), dtype="<u4")
     flags = _CHAR_FLAGS.of(cps)
-    lengths = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
+    lengths = np.fromiter(map(len, blocks), dtype=np.int64, count=n)
     ends = np.cumsum(lengths)
     starts = ends - lengths
 
     nonempty = lengths > 0
 
     def per_block(mask: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(blocks), dtype=np.int64)
+        out = np.zeros(n, dtype=np.int64)
         out[nonempty] = np.add.reduceat(mask, starts[nonempty], dtype=np.int64)  # the starts increase strictly
         return out
 
@@ -137,7 +161,7 @@ def judge_many(blocks: list[str], f: TextFilter) -> tuple[list[str | None], list
     after[1:] = word[:-1]
     after[starts[nonempty]] = False  # a block's first character starts a run
     units = per_block(nospace) + per_block(word & ~after)
-    reason = np.zeros(len(blocks), dtype=np.uint8)  # 0 kept, else 1 + the filter's index in FILTERS
+    reason = np.zeros(n, dtype=np.uint8)
     if f.min_words:
         reason[units < f.min_words] = 1 + FILTERS.index("min_words")
     if f.min_alpha:
@@ -149,11 +173,21 @@ def judge_many(blocks: list[str], f: TextFilter) -> tuple[list[str | None], list
         reason[_code(cps, space, starts, ends)] = 1 + FILTERS.index("drop_code")
     reason[visible == 0] = 1 + FILTERS.index("empty")
     units[(reason > 0) & (reason != 1 + FILTERS.index("min_words"))] = -1  # as `_judged`: counted only if reached
-    names, units_out = [None, *FILTERS], units.tolist()
-    reasons = [names[r] for r in reason.tolist()]
     for k in np.flatnonzero(per_block((flags & _LINE_BREAK) > 0)).tolist():  # rare: `looks_like_code` per line
-        reasons[k], _, units_out[k] = _judged(blocks[k], f)
-    return reasons, units_out
+        r, _, units[k] = _judged(blocks[k], f)
+        reason[k] = REASONS.index(r)
+    return Judgments(reason, units, _normal(cps, space, starts, ends, per_block))
+
+
+def _normal(cps: np.ndarray, space: np.ndarray, starts: np.ndarray, ends: np.ndarray, per_block) -> np.ndarray:
+    """Which blocks equal `" ".join(block.split())`: every space is U+0020, none follows another, none
+    starts or ends the block (`str.split` splits at `str.isspace`, the space flag)."""
+    bad = space & (cps != 32)
+    bad[1:] |= space[1:] & space[:-1]  # a pair across two blocks: one of them starts or ends with a space
+    out = per_block(bad) == 0
+    full = ends > starts
+    out[full] &= ~space[starts[full]] & ~space[ends[full] - 1]
+    return out
 
 
 def _code(cps: np.ndarray, space: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@ A file's *name* is its path relative to its entry's base (the folder of a file, 
 part before its first wildcard), so it does not depend on where the corpus lies nor on other entries:
 adding files never renames, hence never re-splits, existing ones.
 
-Every reader yields `Item(group, src, text)` rows; `records` turns them into samples: filtered
-(`filters`), keyed by document and assigned to a split by `split_of(document key)`, a pure function.
+Every reader yields `Item(group, src, text)` rows (`read_columns` gives them in batches, as columns; for
+`lines` without an Item a line); `records` (and `record_batches`, its columns) turns them into samples:
+filtered (`filters`), keyed by document and assigned to a split by `split_of(document key)`, a pure function.
 A document is a whole file (`text`), the rows sharing a `fields.doc` value, or else a group of
 `doc_lines` consecutive lines (rows) of one file.
 
@@ -31,8 +32,10 @@ from itertools import islice
 from pathlib import PurePosixPath
 from typing import IO, Iterator, NamedTuple
 
-from .filters import TextFilter, cut, judge_many
-from .sources import restore_source
+import numpy as np
+
+from .filters import REASONS, TextFilter, cut, judge_arrays
+from .sources import SPLITS, restore_source
 from .storage import as_path, is_remote
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -237,6 +240,63 @@ def read_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
     return readers[src.format](src, spec)
 
 
+class Columns(NamedTuple):
+    """A batch of a file's items as columns (`read_columns`)."""
+
+    runs: list[tuple[int, int, str]]
+    """(start, end, group) of each run of consecutive items of one group, in order, covering the batch."""
+    src: list[str] | None
+    text: list[str]
+
+
+JUDGE_BATCH = 4096
+"""Items a batch (`read_columns`), or for `lines` about LINE_BATCH_CHARS characters of lines."""
+LINE_BATCH_CHARS = 1 << 19
+
+
+def read_columns(src: SourceFile, spec: ReadSpec) -> Iterator[Columns]:
+    """`read_items` in batches, as columns: `lines` are read a block of characters at a time and split (no
+    Item a line), other formats are `read_items` gathered."""
+    if src.format == "lines":
+        yield from _line_columns(src, spec)
+        return
+    items = read_items(src, spec)
+    while batch := list(islice(items, JUDGE_BATCH)):
+        runs, start = [], 0
+        for k in range(1, len(batch) + 1):
+            if k == len(batch) or batch[k].group != batch[start].group:
+                runs.append((start, k, batch[start].group))
+                start = k
+        pairs = spec.task == "pairs"
+        yield Columns(runs, [item.src for item in batch] if pairs else None, [item.text for item in batch])
+
+
+def _line_columns(src: SourceFile, spec: ReadSpec) -> Iterator[Columns]:
+    """What `_line_items` yields, in batches: lines split at \\n after universal-newline decoding, as
+    iterating the text file does, a last line without its \\n included."""
+    first, tail = src.first_line, ""
+    with open_text(src.path, src.start, src.end) as f:
+        while block := f.read(LINE_BATCH_CHARS):
+            lines = (tail + block).split("\n")
+            tail = lines.pop()
+            if lines:
+                yield Columns(_line_runs(first, len(lines), spec.doc_lines), None, lines)
+                first += len(lines)
+    if tail:
+        yield Columns(_line_runs(first, 1, spec.doc_lines), None, [tail])
+
+
+def _line_runs(first: int, count: int, doc_lines: int) -> list[tuple[int, int, str]]:
+    """The groups (`doc_lines` lines each, by line number in the file) of lines first..first+count."""
+    runs, start = [], 0
+    while start < count:
+        group = (first + start) // doc_lines
+        end = min(count, (group + 1) * doc_lines - first)
+        runs.append((start, end, str(group)))
+        start = end
+    return runs
+
+
 def _text_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
     """Blank-line separated paragraphs, streamed; the file is one document."""
     block: list[str] = []
@@ -365,58 +425,110 @@ def split_of(doc: str, valid_fraction: float, test_fraction: float) -> str:
     return "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
 
 
+class Kept(NamedTuple):
+    """A batch of `records`, as columns: runs of consecutive samples of one document (each run at least
+    one sample; two runs in a row may share a key, and a key may come back later), then the texts."""
+
+    keys: list[str]
+    """Each run's document key, ..."""
+    splits: list[int]
+    """... its split (index in SPLITS) ..."""
+    counts: list[int]
+    """... and its number of samples."""
+    src: list[str] | None
+    """The samples' sources (None for `text`) and ..."""
+    tgt: list[str]
+    """... targets, whitespace-normalised (`" ".join(t.split())`)."""
+
+
 def records(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1) -> Iterator[Record]:
-    """The samples of one file after the filters (drops counted by filter); at most `max_docs` documents
-    (in order of first appearance) when >= 0. Every text comes whitespace-normalised (`" ".join(t.split())`).
-
-    The prepare hot path (every item of the corpus passes here): items are judged `JUDGE_BATCH` at a time
-    (`filters.judge_many`), the document key and split are looked up when the item's group changes, and
-    the count of items read is kept in a local."""
-    docs: dict[str, str] = {}  # document key → split
-    group, doc, split = None, "", None  # the last item's group, its key and split (None: past max_docs)
-    pos = read = 0
-    items, f, text_task = read_items(src, spec), spec.text_filter, spec.task == "text"
-    try:
-        while batch := list(islice(items, JUDGE_BATCH)):
-            reasons, units = judge_many([item.text for item in batch], f) if spec.task != "pairs" else \
-                ([None] * len(batch), [-1] * len(batch))  # pairs are only checked for emptiness
-            for k, item in enumerate(batch):
-                if item.group != group:
-                    group = item.group
-                    doc = f"{src.name}:{group}" if group else src.name
-                    split = docs.get(doc)
-                    if split is None and len(docs) != max_docs:
-                        split = docs[doc] = split_of(doc, spec.valid_fraction, spec.test_fraction)
-                if split is None:
-                    continue
-                read += 1
-                if text_task and reasons[k] is None and units[k] <= f.max_words:  # the most common item, inline
-                    yield Record(pos, doc, split, None, " ".join(item.text.split()))
-                    pos += 1
-                    continue
-                for s, t in _samples(item, spec, drops, reasons[k], units[k]):
-                    yield Record(pos, doc, split, s, t)
-                    pos += 1
-    finally:
-        drops["read"] += read
+    """The samples of one file after the filters (drops counted by filter, items read as "read"); at most
+    `max_docs` documents (in order of first appearance) when >= 0. Every text comes whitespace-normalised
+    (`" ".join(t.split())`). A sample at a time: `record_batches` gives the same as columns."""
+    pos = 0
+    for kept in record_batches(src, spec, drops, max_docs=max_docs):
+        sources, first = kept.src or [None] * len(kept.tgt), 0
+        for key, split, count in zip(kept.keys, kept.splits, kept.counts):
+            for s, t in zip(sources[first:first + count], kept.tgt[first:first + count]):
+                yield Record(pos, key, SPLITS[split], s, t)
+                pos += 1
+            first += count
 
 
-JUDGE_BATCH = 4096
+def record_batches(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs: int = -1) -> Iterator[Kept]:
+    """`records` as columns, a batch of items at a time (`read_columns`): the prepare hot path, where
+    every item of the corpus passes. Monolingual items are judged a batch at a time (`filters.judge_arrays`);
+    the document key and split are looked up once a run of items of one group; an item that passes whole
+    (the most common) is taken as it is, or normalised when it is not already; only items that are cut
+    or restored take the one-item path."""
+    docs: dict[str, int] = {}  # document key → split index
+    for cols in read_columns(src, spec):
+        runs = []  # (start, end, key, split) of the runs of items within max_docs
+        for start, end, group in cols.runs:
+            key = f"{src.name}:{group}" if group else src.name
+            split = docs.get(key)
+            if split is None and len(docs) != max_docs:
+                split = docs[key] = SPLITS.index(split_of(key, spec.valid_fraction, spec.test_fraction))
+            if split is not None:
+                runs.append((start, end, key, split))
+        if runs:
+            drops["read"] += sum(e - s for s, e, _, _ in runs)
+            kept = _kept(cols, runs, spec, drops)
+            if kept.tgt:
+                yield kept
 
 
-def _samples(item: Item, spec: ReadSpec, drops: Counter, reason: str | None,
-             units: int) -> list[tuple[str | None, str]]:
-    """The item's samples; for text tasks, `reason` and `units` are what the filters gave it (`judge_many`)."""
+def _kept(cols: "Columns", runs: list[tuple[int, int, str, int]], spec: ReadSpec, drops: Counter) -> Kept:
+    if spec.task == "pairs":  # pairs are only checked for emptiness
+        return _one_at_a_time(cols, runs, spec, drops, None)
+    f = spec.text_filter
+    j = judge_arrays(cols.text, f)
+    valid = np.zeros(len(cols.text), dtype=bool)
+    for start, end, _, _ in runs:
+        valid[start:end] = True
+    for code, count in enumerate(np.bincount(j.reason[valid], minlength=len(REASONS)).tolist()):
+        if code and count:
+            drops[REASONS[code]] += count
+    keep = valid & (j.reason == 0)
+    if spec.task != "text" or np.any(keep & (j.units > f.max_words)):
+        return _one_at_a_time(cols, runs, spec, drops, np.where(keep, j.units, -2))
+    texts, normal = cols.text, j.normal.tolist()
+    keys, splits, counts, tgt = [], [], [], []
+    for start, end, key, split in runs:
+        taken = [t if normal[k] else " ".join(t.split()) for k, t in enumerate(texts[start:end], start) if keep[k]] \
+            if not keep[start:end].all() or not j.normal[start:end].all() else texts[start:end]
+        if taken:
+            keys.append(key), splits.append(split), counts.append(len(taken))
+            tgt += taken
+    return Kept(keys, splits, counts, None, tgt)
+
+
+def _one_at_a_time(cols: "Columns", runs: list[tuple[int, int, str, int]], spec: ReadSpec, drops: Counter,
+                   units: np.ndarray | None) -> Kept:
+    """`_kept` an item at a time; `units`: each monolingual item's units if it passes the filters, else -2."""
+    keys, splits, counts, src, tgt = [], [], [], [], []
+    sources = cols.src or [None] * len(cols.text)
+    for start, end, key, split in runs:
+        n = len(tgt)
+        for k in range(start, end):
+            if units is None or units[k] >= -1:
+                for s, t in _samples(sources[k], cols.text[k], spec, drops, -1 if units is None else int(units[k])):
+                    src.append(s)
+                    tgt.append(t)
+        if len(tgt) > n:
+            keys.append(key), splits.append(split), counts.append(len(tgt) - n)
+    return Kept(keys, splits, counts, src if spec.task != "text" else None, tgt)
+
+
+def _samples(src: str | None, text: str, spec: ReadSpec, drops: Counter, units: int) -> list[tuple[str | None, str]]:
+    """An item's samples; for text tasks an item that passed the filters, with its units (`judge_arrays`)."""
     if spec.task == "pairs":
-        s, t = " ".join(item.src.split()), " ".join(item.text.split())
+        s, t = " ".join(src.split()), " ".join(text.split())
         if not (s and t):
             drops["empty"] += 1
             return []
         return [(s, t)]
-    if reason:
-        drops[reason] += 1
-        return []
-    pieces = cut(" ".join(item.text.split()), spec.text_filter.max_words, units)
+    pieces = cut(" ".join(text.split()), spec.text_filter.max_words, units)
     if spec.task != "restore":
         return [(None, p) for p in pieces]
     pairs = [(restore_source(p), p) for p in pieces]

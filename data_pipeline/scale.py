@@ -1,8 +1,8 @@
 """Prepare a user corpus as Ray tasks; the driver keeps counts, object references and the manifest.
 
-    scan     one streaming task a file: read, filter (a batch of items at a time: `filters.judge_many`),
-             split; yields the kept texts in `Texts` chunks while it reads (into the object store, where
-             they wait for `encode`), then a (hash, position) array for the de-duplication, the file's
+    scan     one streaming task a file: read, filter and split a batch of items at a time, as columns
+             (`formats.record_batches`, `filters.judge_arrays`); yields the kept texts in `Texts` chunks
+             while it reads (into the object store, where they wait for `encode`), then a (hash, position) array for the de-duplication, the file's
              bottom-k sample for the tokenizer (by content hash) and its counts
     dedup    one task a hash range (P equal ranges of the hash's first 64 bits): each file's table comes
              sorted by hash, so a task reads only its slice of every table; it sorts its entries by
@@ -43,7 +43,7 @@ import numpy as np
 
 from .chunks import token_chunks
 from .filters import FILTERS
-from .formats import ReadSpec, Record, SourceFile, records
+from .formats import Kept, ReadSpec, Record, SourceFile, record_batches
 from .parts import parts_of, splittable
 from .shards import END_OF_ARCHIVE, NumberedKeys, WrittenShard, tar_samples
 from .sources import SPLITS
@@ -150,6 +150,15 @@ def content_hash(rec: Record) -> tuple[bytes, int]:
     return _blake2b(norm, digest_size=16).digest(), len(norm)
 
 
+def content_hashes(src: list[str] | None, tgt: list[str]) -> tuple[bytes, np.ndarray]:
+    """`content_hash` of many samples (sources None for `text`): their digests side by side, and sizes."""
+    folded = [f"\x00{t}".casefold().encode() for t in tgt] if src is None else \
+        [f"{s}\x00{t}".casefold().encode() for s, t in zip(src, tgt)]
+    digest = _blake2b
+    return (b"".join([digest(x, digest_size=16).digest() for x in folded]),
+            np.fromiter(map(len, folded), dtype=np.int64, count=len(folded)))
+
+
 _blake2b = hashlib.blake2b
 FOLD_BYTES = 1 << 20
 """`BottomK` folds its buffer into its sample when the buffer holds this many bytes, or the budget if larger."""
@@ -186,14 +195,26 @@ class BottomK:
         if self.bytes > self.fold_at:
             self._fold()
 
+    def add_many(self, digests: bytes, texts: list[str], sizes: np.ndarray, per_item: int) -> None:
+        """`add` of many items at once: `content_hashes`' digests and sizes, and the items' texts in order,
+        `per_item` each."""
+        self.digests += digests
+        self.texts += texts
+        self.ntexts.extend([per_item] * len(sizes))
+        self.sizes.frombytes(sizes.astype(np.int64).tobytes())
+        self.bytes += int(sizes.sum())
+        if self.bytes > self.fold_at:
+            self._fold()
+
     def _fold(self) -> None:
         hashes = np.zeros(len(self.sizes), HASH2_DTYPE)
         if len(self.sizes):
             halves = np.frombuffer(self.digests, dtype="<u8").reshape(-1, 2)  # (items, [hi, lo])
             hashes["hi"], hashes["lo"] = halves[:, 0], halves[:, 1]
-        buffered = Sample(hashes, np.array(self.sizes, dtype=np.int64), np.array(self.ntexts, dtype=np.int64),
-                          _bounds(map(len, self.texts), len(self.texts)), "".join(self.texts))
-        self.kept = merge_samples(self.budget, self.kept, buffered)
+        self.kept = _merged(self.budget, np.concatenate((self.kept.hashes, hashes)),
+                            np.concatenate((self.kept.sizes, np.array(self.sizes, dtype=np.int64))),
+                            np.concatenate((self.kept.ntexts, np.array(self.ntexts, dtype=np.int64))),
+                            self.kept.texts() + self.texts)
         self._clear()
 
     def sample(self) -> "Sample":
@@ -248,16 +269,27 @@ class _Chunker:
     def _clear(self) -> None:
         self.splits, self.docs, self.tgt, self.src, self.chars = bytearray(), array("q"), [], [], 0
 
-    def add(self, rec: Record, split: int, new_doc: bool) -> Texts | None:
-        self.doc += new_doc
-        self.splits.append(split)
-        self.docs.append(self.doc)
-        self.tgt.append(rec.tgt)
-        self.chars += len(rec.tgt)
+    def add(self, splits: np.ndarray, new_doc: np.ndarray, tgt: list[str], src: list[str] | None) -> Iterator[Texts]:
+        """Samples' splits (uint8), whether each starts a document, and texts; yields the chunks filled."""
+        docs = self.doc + np.cumsum(new_doc, dtype=np.int64)
+        chars = np.cumsum(np.fromiter(map(len, tgt), np.int64, len(tgt)))
         if self.pairs:
-            self.src.append(rec.src)
-            self.chars += len(rec.src)
-        return self.flush() if self.chars >= self.limit else None
+            chars += np.cumsum(np.fromiter(map(len, src), np.int64, len(src)))
+        start = 0
+        while start < len(tgt):  # up to the sample that fills the chunk, then the rest
+            full = int(np.searchsorted(chars, self.limit - self.chars + (chars[start - 1] if start else 0)))
+            end = min(full + 1, len(tgt))
+            self.splits += splits[start:end].tobytes()
+            self.docs.frombytes(docs[start:end].tobytes())
+            self.tgt += tgt[start:end]
+            if self.pairs:
+                self.src += src[start:end]
+            self.chars += int(chars[end - 1] - (chars[start - 1] if start else 0))
+            if self.chars >= self.limit:
+                yield self.flush()
+            start = end
+        if len(docs):
+            self.doc = int(docs[-1])
 
     def flush(self) -> Texts | None:
         if not self.splits:
@@ -272,29 +304,31 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int,
     """Stage `scan` (streaming) of a file or part: yields its kept samples as `Texts` chunks while it reads,
     then the (hash, position, split) array sorted by hash, the tokenizer sample and ScanSummary (the last
     three; the summary last, where a failed task's error stands: `scanned`). A record's position is its
-    index here; its digest goes into one buffer (16 bytes), its split into another (1 byte); counts come
-    from those at the end, not a record at a time."""
+    index here. Samples come a batch at a time as columns (`record_batches`); their digests go into one
+    buffer (16 bytes each), their splits into another (1 byte); counts come from those at the end."""
     drops: Counter = Counter()
     digests, splits = bytearray(), bytearray()
     docs: list[set[str]] = [set(), set(), set()]
     sample = BottomK(sample_bytes)
     chunks = _Chunker(chunk_chars, pairs=spec.task != "text")
-    split_index = {name: i for i, name in enumerate(SPLITS)}
-    doc, s = None, 0
-    for rec in records(src, spec, drops, max_docs=max_docs):
-        new_doc = rec.doc != doc
-        if new_doc:
-            doc, s = rec.doc, split_index[rec.split]
-            docs[s].add(doc)
-        digest, size = content_hash(rec)
+    last = None  # the last sample's document key
+    for kept in record_batches(src, spec, drops, max_docs=max_docs):
+        split = np.repeat(np.array(kept.splits, dtype=np.uint8), kept.counts)
+        new_doc = np.zeros(len(split), dtype=bool)
+        first = 0
+        for key, s, count in zip(kept.keys, kept.splits, kept.counts):
+            if key != last:
+                new_doc[first], last = True, key
+                docs[s].add(key)
+            first += count
+        digest, sizes = content_hashes(kept.src, kept.tgt)
         digests += digest
-        splits.append(s)
-        if s == 0 and sample_bytes:  # SPLITS[0] is train
-            sample.add(digest, (rec.tgt,) if rec.src is None else (rec.src, rec.tgt), size)
-        if (full := chunks.add(rec, s, new_doc)) is not None:
-            yield full
-    if (last := chunks.flush()) is not None:
-        yield last
+        splits += split.tobytes()
+        if sample_bytes:
+            _sample_train(sample, digest, split, sizes, kept)
+        yield from chunks.add(split, new_doc, kept.tgt, kept.src)
+    if (rest := chunks.flush()) is not None:
+        yield rest
     split_of = np.frombuffer(splits, dtype=np.uint8)
     table = np.zeros(len(splits), HASH_DTYPE)
     if len(splits):
@@ -304,7 +338,21 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int,
     yield table[np.lexsort((table["pos"], table["lo"], table["hi"]))]
     yield sample.sample()
     read = drops.pop("read", 0)
-    yield ScanSummary(np.bincount(split_of, minlength=3).tolist(), [len(d) for d in docs], dict(drops), read)
+    yield ScanSummary(np.bincount(split_of, minlength=3).tolist(), [len(d) for d in docs],
+                      {k: drops[k] for k in FILTERS if drops[k]}, read)  # in FILTERS' order, as the manifest
+
+
+def _sample_train(sample: BottomK, digests: bytes, split: np.ndarray, sizes: np.ndarray, kept: Kept) -> None:
+    """The train samples of a batch into the tokenizer sample (SPLITS[0] is train)."""
+    texts = kept.tgt if kept.src is None else [t for pair in zip(kept.src, kept.tgt) for t in pair]
+    per_item = 1 if kept.src is None else 2
+    train = split == 0
+    if not train.all():
+        take = np.flatnonzero(train)
+        digests = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16)[take].tobytes()
+        texts = [texts[i] for i in (np.repeat(take * per_item, per_item) + np.tile(np.arange(per_item), len(take))).tolist()]
+        sizes = sizes[take]
+    sample.add_many(digests, texts, sizes, per_item)
 
 
 # --- dedup ------------------------------------------------------------------------------------------
@@ -369,20 +417,19 @@ class Sample:
     """Each item's size (`content_hash`)."""
     ntexts: np.ndarray
     """Texts of each item (1, or 2 for a pair)."""
-    bounds: np.ndarray
-    """Text k is `text[bounds[k]:bounds[k + 1]]`."""
     text: str
+    """The items' texts in order, joined by newlines, which no text holds (`records` gives
+    whitespace-normalised texts)."""
 
     @classmethod
     def of(cls, items: list[tuple[tuple[int, int], tuple[str, ...], int]]) -> "Sample":
         hashes = np.zeros(len(items), HASH2_DTYPE)
         if not items:
-            return cls(hashes, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), "")
+            return cls(hashes, np.zeros(0, np.int64), np.zeros(0, np.int64), "")
         keys, groups, sizes = zip(*items)
         hashes["hi"], hashes["lo"] = zip(*keys)
-        texts = [t for ts in groups for t in ts]
         return cls(hashes, np.array(sizes, dtype=np.int64), np.fromiter(map(len, groups), np.int64, len(groups)),
-                   _bounds(map(len, texts), len(texts)), "".join(texts))
+                   "\n".join(t for ts in groups for t in ts))
 
     @classmethod
     def empty(cls) -> "Sample":
@@ -391,17 +438,16 @@ class Sample:
     def __len__(self) -> int:
         return len(self.hashes)
 
+    def texts(self) -> list[str]:
+        return self.text.split("\n") if len(self) else []
+
     def items(self) -> list[tuple[tuple[int, int], tuple[str, ...], int]]:
-        b, text, out, k = self.bounds.tolist(), self.text, [], 0
+        texts, out, k = self.texts(), [], 0
         for hi, lo, n, size in zip(self.hashes["hi"].tolist(), self.hashes["lo"].tolist(), self.ntexts.tolist(),
                                    self.sizes.tolist()):
-            out.append(((hi, lo), tuple(text[b[j]:b[j + 1]] for j in range(k, k + n)), size))
+            out.append(((hi, lo), tuple(texts[k:k + n]), size))
             k += n
         return out
-
-
-def _bounds(lengths, count: int) -> np.ndarray:
-    return np.concatenate(([0], np.cumsum(np.fromiter(lengths, np.int64, count))))
 
 
 def merge_samples(budget: int, *samples: Sample) -> Sample:
@@ -409,36 +455,33 @@ def merge_samples(budget: int, *samples: Sample) -> Sample:
     budget) of several bottom-k samples: a hash found in several keeps the smallest of its texts.
     Associative: merging in any grouping gives the global one, so a tree of small merges bounds memory."""
     samples = tuple(s for s in samples if len(s)) or (Sample.empty(),)
-    hashes, sizes, ntexts = (np.concatenate([getattr(s, k) for s in samples]) for k in ("hashes", "sizes", "ntexts"))
-    owner = np.repeat(np.arange(len(samples)), [len(s) for s in samples])
-    start = np.cumsum(ntexts) - ntexts  # each item's first text, counting every sample's texts in order
-    offset = np.cumsum([0] + [int(s.ntexts.sum()) for s in samples])  # each sample's first text
-    bounds = [s.bounds.tolist() for s in samples]
+    return _merged(budget, *(np.concatenate([getattr(s, k) for s in samples]) for k in ("hashes", "sizes", "ntexts")),
+                   [t for s in samples for t in s.texts()])
 
-    local = start - offset[owner]  # each item's first text in its own sample
 
-    def texts(m: int) -> tuple[str, ...]:
-        o, f = owner[m], int(local[m])
-        return tuple(samples[o].text[bounds[o][j]:bounds[o][j + 1]] for j in range(f, f + int(ntexts[m])))
+def _merged(budget: int, hashes: np.ndarray, sizes: np.ndarray, ntexts: np.ndarray, texts: list[str]) -> Sample:
+    """`merge_samples` of items given as columns, in any order: each item's `ntexts` texts lie in `texts` side
+    by side, in item order. A hash may repeat (across samples, or in a scan's buffer: `BottomK`)."""
+    start = np.cumsum(ntexts) - ntexts  # each item's first text
 
-    order = np.lexsort((hashes["lo"], hashes["hi"]))  # a sample's hashes are distinct: ties are across samples
+    def item_texts(m: int) -> list[str]:
+        return texts[start[m]:start[m] + ntexts[m]]
+
+    order = np.lexsort((np.arange(len(hashes)), hashes["lo"], hashes["hi"]))
     h = hashes[order]
     same = np.zeros(len(order), dtype=bool)
     same[1:] = (h["hi"][1:] == h["hi"][:-1]) & (h["lo"][1:] == h["lo"][:-1])
-    for k in np.flatnonzero(same & ~np.roll(same, 1)) - 1:  # the head of each run of equal hashes (rare)
+    for k in np.flatnonzero(same & ~np.roll(same, 1)) - 1:  # the head of each run of equal hashes
         j = k + 1
         while j < len(order) and same[j]:
             j += 1
-        order[k] = min(order[k:j].tolist(), key=texts)
+        order[k] = min(order[k:j].tolist(), key=item_texts)
     chosen = order[~same]
     fit = int(np.searchsorted(np.cumsum(sizes[chosen]), budget, side="right"))
     chosen = chosen[:fit + 1]  # and the first hash that does not fit, if any (see BottomK)
     n = ntexts[chosen]
     picked = np.repeat(start[chosen] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))  # their texts' indices
-    lengths = np.concatenate([np.diff(s.bounds) for s in samples])[picked]
-    return Sample(hashes[chosen], sizes[chosen], n, np.concatenate(([0], np.cumsum(lengths))),
-                  "".join(samples[o].text[bounds[o][f]:bounds[o][f + c]]  # an item's texts lie side by side
-                          for o, f, c in zip(owner[chosen].tolist(), local[chosen].tolist(), n.tolist())))
+    return Sample(hashes[chosen], sizes[chosen], n, "\n".join([texts[i] for i in picked.tolist()]))
 
 
 def merged_sample(budget: int, *samples: Sample) -> list[str]:

@@ -240,7 +240,7 @@ def test_filters_judged_a_batch_at_a_time_agree_with_one_at_a_time():
     kind of space, digits, marks, numerics that are not digits, code starts after spaces, indented and
     multi-line blocks, line breaks other than \\n, a lone surrogate, empty and all-space blocks; every
     filter on and off, thresholds on either side of a block's share and length."""
-    from data_pipeline.filters import _judged, judge_many
+    from data_pipeline.filters import _judged, judge_arrays, judge_many
 
     rng = random.Random(7)
     pieces = ["ab", "Z", "1", "½", "Ⅻ", "_", "我们", "ひら", "ไทย", "ລາວ", "ကမ", "ខ្មែរ", "𠀀", "ذهب", "é", "e\u0301", "ß",
@@ -254,17 +254,27 @@ def test_filters_judged_a_batch_at_a_time_agree_with_one_at_a_time():
         rng.shuffle(blocks)
         want = [_judged(b, f) for b in blocks]
         assert judge_many(blocks, f) == ([r for r, _, _ in want], [u for _, _, u in want])
+        assert judge_arrays(blocks, f).normal.tolist() == [b == " ".join(b.split()) for b in blocks]
     assert judge_many([], TextFilter()) == ([], []) and judge_many(["", " "], TextFilter()) == (["empty"] * 2, [-1] * 2)
+    assert judge_arrays(["", " "], TextFilter()).normal.tolist() == [True, False]
 
 
+@pytest.mark.parametrize("batch_chars", [40, 1 << 19])
 @pytest.mark.parametrize("task, max_docs", [("text", -1), ("restore", -1), ("text", 3), ("pairs", -1)])
-def test_records_are_the_one_item_filters_applied_in_order(tmp_path, task, max_docs):
+def test_records_are_the_one_item_filters_applied_in_order(tmp_path, monkeypatch, task, max_docs, batch_chars):
     """`records` (items judged a batch at a time, lookups cached per document) against the one-item
     definitions applied line by line: kept whole, cut at sentence ends, truncated, dropped by each filter,
-    past max_docs; the same drop counts; whitespace-normalised texts, which `content_hash` relies on."""
+    past max_docs; the same drop counts; whitespace-normalised texts, which `content_hash` relies on. Small
+    batches put some rows in batches where every item passes whole (taken as columns), others in batches
+    with an item to cut (taken one at a time); `content_hashes` of a batch is `content_hash` of each."""
+    from data_pipeline import formats
     from data_pipeline.sources import restore_source
 
+    monkeypatch.setattr(formats, "LINE_BATCH_CHARS", batch_chars)
+    monkeypatch.setattr(formats, "JUDGE_BATCH", 3 if batch_chars < 100 else 4096)
+
     rows = [*sentences(30), "Too short.", ">>> code line here and more words", "| 1 | 2 | 3 | 4 | 5 | 6 |",
+            "odd\x0bseparated words\xa0here ok", "short line here", "trailing  spaces here   ", "short line here",
             "  spaced   out    words that   stay one sample  ",
             "一二三四五。六七八九十。一二三四五六七八九十一二三四五",
             " ".join(["First sentence is long enough here."] * 4), "word " * 40, "", "... and a continuation",
@@ -297,6 +307,9 @@ def test_records_are_the_one_item_filters_applied_in_order(tmp_path, task, max_d
         assert all(t == " ".join(t.split()) for t in (rec.src or "", rec.tgt)), rec
         norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold().encode()
         assert scale.content_hash(rec) == (hashlib.blake2b(norm, digest_size=16).digest(), len(norm))
+    digests, sizes = scale.content_hashes(None if task == "text" else [r.src for r in got], [r.tgt for r in got])
+    assert (digests, sizes.tolist()) == (b"".join(scale.content_hash(r)[0] for r in got),
+                                         [scale.content_hash(r)[1] for r in got])
 
 
 @pytest.mark.parametrize("task, sample_tokens", [("text", 0), ("restore", 0), ("pairs", 0), ("text", 6)])
@@ -403,6 +416,39 @@ def test_parts_start_at_the_line_numbers_python_counts(tmp_path, monkeypatch, bl
         last = offset
 
 
+@pytest.mark.parametrize("batch_chars", [1, 5, 64, 1 << 19])
+def test_lines_read_as_columns_are_the_lines_python_iterates(tmp_path, monkeypatch, batch_chars):
+    """`read_columns` of `lines` (blocks of characters split at \\n, no Item a line) against `_line_items`
+    (the text file iterated a line at a time) on \\r\\n and lone \\r ends across block edges, blank lines,
+    multi-byte text, a BOM, no final line end, and parts starting mid-file; runs are the `doc_lines` groups
+    by line number. Other formats are `read_items` in batches, runs where the group changes."""
+    from data_pipeline import formats
+    from data_pipeline.parts import parts_of
+
+    monkeypatch.setattr(formats, "LINE_BATCH_CHARS", batch_chars)
+    monkeypatch.setattr(formats, "JUDGE_BATCH", 7)
+    (tmp_path / "c.lines").write_bytes(awkward_lines(300))
+    whole = list_sources([str(tmp_path / "c.lines")], "lines")[0]
+    rs = ReadSpec(task="text", doc_lines=9, text_filter=KEEP_ALL)
+
+    def flat(cols):
+        out = []
+        for c in cols:
+            assert [r[0] for r in c.runs] == [0, *(r[1] for r in c.runs[:-1])] and c.runs[-1][1] == len(c.text)
+            out += [(group, None, t) for start, end, group in c.runs for t in c.text[start:end]]
+        return out
+
+    for src in [whole, *parts_of(whole, 700, 9)]:
+        want = [tuple(item) for item in formats._line_items(src, rs)]
+        assert flat(formats.read_columns(src, rs)) == want and len(want) > 30
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"row {i}", "doc": i // 4 % 3}) + "\n"
+                                              for i in range(40)))
+    src = list_sources([str(tmp_path / "c.jsonl")], "jsonl")[0]
+    cols = list(formats.read_columns(src, rs))
+    assert flat(cols) == [tuple(item) for item in formats.read_items(src, rs)]
+    assert all(a[2] != b[2] for c in cols for a, b in zip(c.runs, c.runs[1:]))
+
+
 @pytest.mark.parametrize("fmt", ["lines", "tsv"])
 def test_a_file_read_in_parts_gives_the_records_of_the_whole_file(tmp_path, fmt):
     from data_pipeline.parts import parts_of, splittable
@@ -504,8 +550,17 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
 
     def sample(entries, budget):
         part = BottomK(budget, fold_bytes=rng.choice((1, 20, 10**9)))  # folds every item, some, once at the end
-        for (hi, lo), texts, size in entries:
-            part.add(hi.to_bytes(8, "little") + lo.to_bytes(8, "little"), texts, size)
+        at = 0
+        while at < len(entries):  # an item at a time, or a few of one text count at once (a scan's batch)
+            run = entries[at:at + rng.randint(1, 6)]
+            run = run[:next((k for k, e in enumerate(run) if len(e[1]) != len(run[0][1])), len(run))]
+            if len(run) == 1 and rng.random() < 0.5:
+                (hi, lo), texts, size = run[0]
+                part.add(hi.to_bytes(8, "little") + lo.to_bytes(8, "little"), texts, size)
+            else:
+                part.add_many(b"".join(hi.to_bytes(8, "little") + lo.to_bytes(8, "little") for (hi, lo), _, _ in run),
+                              [t for _, texts, _ in run for t in texts], np.array([n for *_, n in run]), len(run[0][1]))
+            at += len(run)
         return part.sample()
 
     cut_somewhere = 0
