@@ -478,7 +478,8 @@ def record_batches(src: SourceFile, spec: ReadSpec, drops: Counter, *, max_docs:
                 yield kept
 
 
-def _kept(cols: "Columns", runs: list[tuple[int, int, str, int]], spec: ReadSpec, drops: Counter) -> Kept:
+def _kept(cols: Columns, runs: list[tuple[int, int, str, int]], spec: ReadSpec, drops: Counter) -> Kept:
+    """The samples of a batch's `runs` (start, end, key, split): those within max_docs."""
     if spec.task == "pairs":  # pairs are only checked for emptiness
         return _one_at_a_time(cols, runs, spec, drops, None)
     f = spec.text_filter
@@ -492,32 +493,37 @@ def _kept(cols: "Columns", runs: list[tuple[int, int, str, int]], spec: ReadSpec
     keep = valid & (j.reason == 0)
     if spec.task != "text" or np.any(keep & (j.units > f.max_words)):
         return _one_at_a_time(cols, runs, spec, drops, np.where(keep, j.units, -2))
-    texts, normal = cols.text, j.normal.tolist()
-    keys, splits, counts, tgt = [], [], [], []
-    for start, end, key, split in runs:
-        taken = [t if normal[k] else " ".join(t.split()) for k, t in enumerate(texts[start:end], start) if keep[k]] \
-            if not keep[start:end].all() or not j.normal[start:end].all() else texts[start:end]
-        if taken:
-            keys.append(key), splits.append(split), counts.append(len(taken))
-            tgt += taken
-    return Kept(keys, splits, counts, None, tgt)
+    texts, kept, normal, out = cols.text, keep.tolist(), j.normal.tolist(), Kept([], [], [], None, [])
+    for start, end, key, split in runs:  # each kept item gives itself, normalised if it is not already
+        if all(kept[start:end]) and all(normal[start:end]):
+            _add_run(out, key, split, texts[start:end])
+        else:
+            _add_run(out, key, split, [t if normal[k] else " ".join(t.split())
+                                       for k, t in enumerate(texts[start:end], start) if kept[k]])
+    return out
 
 
-def _one_at_a_time(cols: "Columns", runs: list[tuple[int, int, str, int]], spec: ReadSpec, drops: Counter,
+def _one_at_a_time(cols: Columns, runs: list[tuple[int, int, str, int]], spec: ReadSpec, drops: Counter,
                    units: np.ndarray | None) -> Kept:
     """`_kept` an item at a time; `units`: each monolingual item's units if it passes the filters, else -2."""
-    keys, splits, counts, src, tgt = [], [], [], [], []
+    out = Kept([], [], [], [] if spec.task != "text" else None, [])
     sources = cols.src or [None] * len(cols.text)
     for start, end, key, split in runs:
-        n = len(tgt)
-        for k in range(start, end):
-            if units is None or units[k] >= -1:
-                for s, t in _samples(sources[k], cols.text[k], spec, drops, -1 if units is None else int(units[k])):
-                    src.append(s)
-                    tgt.append(t)
-        if len(tgt) > n:
-            keys.append(key), splits.append(split), counts.append(len(tgt) - n)
-    return Kept(keys, splits, counts, src if spec.task != "text" else None, tgt)
+        pairs = [pair for k in range(start, end) if units is None or units[k] >= -1
+                 for pair in _samples(sources[k], cols.text[k], spec, drops, -1 if units is None else int(units[k]))]
+        if out.src is not None:
+            out.src.extend(s for s, _ in pairs)
+        _add_run(out, key, split, [t for _, t in pairs])
+    return out
+
+
+def _add_run(kept: Kept, key: str, split: int, tgt: list[str]) -> None:
+    """A run's targets (its sources, if any, already added), unless it has none."""
+    if tgt:
+        kept.keys.append(key)
+        kept.splits.append(split)
+        kept.counts.append(len(tgt))
+        kept.tgt.extend(tgt)
 
 
 def _samples(src: str | None, text: str, spec: ReadSpec, drops: Counter, units: int) -> list[tuple[str | None, str]]:

@@ -29,6 +29,7 @@ from data_pipeline.formats import ReadSpec, list_sources, records, split_of
 from data_pipeline import scale
 from data_pipeline.scale import (BottomK, Runner, SampleTree, merge_samples, merged_sample, reduce_samples,
                                  split_files)
+from data_pipeline.sources import SPLITS
 from data_pipeline.tokenizer import encode_texts, train_tokenizer
 
 KEEP_ALL = TextFilter(min_words=1, max_words=10_000, min_alpha=0.0, drop_code=False)
@@ -283,7 +284,7 @@ def test_records_are_the_one_item_filters_applied_in_order(tmp_path, monkeypatch
     path.write_text("\n".join((f"{r}\tx {r}" if task == "pairs" else r) for r in rows) + "\n")
     src = list_sources([str(path)], "auto" if task == "pairs" else "lines")[0]
     f = TextFilter(min_words=3, max_words=8)
-    rs = ReadSpec(task=task, doc_lines=4, text_filter=f)
+    rs = ReadSpec(task=task, doc_lines=4, text_filter=f, valid_fraction=0.3, test_fraction=0.3)
     read = rows[:4 * max_docs] if max_docs >= 0 else rows
     want, want_drops = [], Counter()
     for row in read:
@@ -310,6 +311,16 @@ def test_records_are_the_one_item_filters_applied_in_order(tmp_path, monkeypatch
     digests, sizes = scale.content_hashes(None if task == "text" else [r.src for r in got], [r.tgt for r in got])
     assert (digests, sizes.tolist()) == (b"".join(scale.content_hash(r)[0] for r in got),
                                          [scale.content_hash(r)[1] for r in got])
+    *_, table, sample, summary = scale.scan_file(src, rs, max_docs, 1 << 20)  # splits, and train only sampled
+    assert table[np.argsort(table["pos"])]["split"].tolist() == [SPLITS.index(r.split) for r in got]
+    assert {r.split for r in got} == set(SPLITS) or max_docs >= 0
+    train = BottomK(1 << 20)
+    for r in got:
+        if r.split == "train":
+            digest, size = scale.content_hash(r)
+            train.add(digest, (r.tgt,) if r.src is None else (r.src, r.tgt), size)
+    assert sample.items() == train.sample().items() and summary.samples == [
+        sum(r.split == split for r in got) for split in SPLITS]
 
 
 @pytest.mark.parametrize("task, sample_tokens", [("text", 0), ("restore", 0), ("pairs", 0), ("text", 6)])
