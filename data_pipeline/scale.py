@@ -2,8 +2,9 @@
 
     scan     one streaming task a file: read, filter and split a batch of items at a time, as columns
              (`formats.record_batches`, `filters.judge_arrays`); yields the kept texts in `Texts` chunks
-             while it reads (into the object store, where they wait for `encode`), then a (hash, position) array for the de-duplication, the file's
-             bottom-k sample for the tokenizer (by content hash) and its counts
+             while it reads (into the object store, where they wait for `encode`), then a (hash,
+             position) array for the de-duplication, the file's bottom-k sample for the tokenizer (by
+             content hash) and its counts
     dedup    one task a hash range (P equal ranges of the hash's first 64 bits): each file's table comes
              sorted by hash, so a task reads only its slice of every table; it sorts its entries by
              (hash, file, position) and drops all but the first of each hash; returns the dropped
@@ -275,19 +276,18 @@ class _Chunker:
         chars = np.cumsum(np.fromiter(map(len, tgt), np.int64, len(tgt)))
         if self.pairs:
             chars += np.cumsum(np.fromiter(map(len, src), np.int64, len(src)))
-        start = 0
-        while start < len(tgt):  # up to the sample that fills the chunk, then the rest
-            full = int(np.searchsorted(chars, self.limit - self.chars + (chars[start - 1] if start else 0)))
-            end = min(full + 1, len(tgt))
+        start = done = 0  # samples taken so far, and their characters
+        while start < len(tgt):  # up to the sample that fills the chunk (or the last), then the rest
+            end = min(int(np.searchsorted(chars, done + self.limit - self.chars)) + 1, len(tgt))
             self.splits += splits[start:end].tobytes()
             self.docs.frombytes(docs[start:end].tobytes())
             self.tgt += tgt[start:end]
             if self.pairs:
                 self.src += src[start:end]
-            self.chars += int(chars[end - 1] - (chars[start - 1] if start else 0))
+            self.chars += int(chars[end - 1]) - done
             if self.chars >= self.limit:
                 yield self.flush()
-            start = end
+            start, done = end, int(chars[end - 1])
         if len(docs):
             self.doc = int(docs[-1])
 
@@ -344,15 +344,16 @@ def scan_file(src: SourceFile, spec: ReadSpec, max_docs: int, sample_bytes: int,
 
 def _sample_train(sample: BottomK, digests: bytes, split: np.ndarray, sizes: np.ndarray, kept: Kept) -> None:
     """The train samples of a batch into the tokenizer sample (SPLITS[0] is train)."""
-    texts = kept.tgt if kept.src is None else [t for pair in zip(kept.src, kept.tgt) for t in pair]
-    per_item = 1 if kept.src is None else 2
-    train = split == 0
-    if not train.all():
+    src, tgt = kept.src, kept.tgt
+    if not (train := split == 0).all():
         take = np.flatnonzero(train)
-        digests = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16)[take].tobytes()
-        texts = [texts[i] for i in (np.repeat(take * per_item, per_item) + np.tile(np.arange(per_item), len(take))).tolist()]
-        sizes = sizes[take]
-    sample.add_many(digests, texts, sizes, per_item)
+        digests, sizes = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16)[take].tobytes(), sizes[take]
+        tgt = [tgt[i] for i in take.tolist()]
+        src = None if src is None else [src[i] for i in take.tolist()]
+    if src is None:
+        sample.add_many(digests, tgt, sizes, 1)
+    else:
+        sample.add_many(digests, [t for pair in zip(src, tgt) for t in pair], sizes, 2)
 
 
 # --- dedup ------------------------------------------------------------------------------------------
