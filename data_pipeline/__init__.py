@@ -52,10 +52,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
     from .stream import CorruptShardWarning, NoReadableShardsError, Progress, ShardStream, merge_states
     from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Specials, detokenize, load_tokenizer, tokenize
 
-__all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "BartInfilling", "Batch", "BatchConfig", "CorruptShardWarning",
-    "DataConfig", "Example", "Manifest", "NoReadableShardsError", "Objective", "ObjectiveConfig",
-    "PairPassThrough", "Progress", "ShardStream", "Specials", "T5SpanCorruption", "TokenBatcher",
-    "build_batcher", "build_objective", "collate", "data_loader", "cut_batches", "detokenize", "tokenize", "load_tokenizer", "merge_states",
-    "noise_rng", "prepare",
-]
+__all__ = sorted([*_HOME, "prepare"])
