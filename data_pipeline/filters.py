@@ -126,12 +126,6 @@ REASONS = (None, *FILTERS)
 """`Judgments.reason`'s codes, by name."""
 
 
-def judge_many(blocks: list[str], f: TextFilter) -> tuple[list[str | None], list[int]]:
-    """`_judged` of many blocks at once: (each block's reason or None, its units or -1); see `judge_arrays`."""
-    j = judge_arrays(blocks, f)
-    return [REASONS[r] for r in j.reason.tolist()], j.units.tolist()
-
-
 def judge_arrays(blocks: list[str], f: TextFilter) -> Judgments:
     """`_judged` of many blocks at once, from whole-array operations on the blocks' code points (flags per
     code point from `_CharFlags`, sums per block by `np.add.reduceat`) instead of a few Python calls a

@@ -237,11 +237,15 @@ def test_units_and_letter_share_agree_with_their_definitions_on_mixed_scripts():
 
 
 def test_filters_judged_a_batch_at_a_time_agree_with_one_at_a_time():
-    """`judge_many` (whole-array, the prepare hot path) against `_judged` on random blocks: every script and
+    """`judge_arrays` (whole-array, the prepare hot path) against `_judged` on random blocks: every script and
     kind of space, digits, marks, numerics that are not digits, code starts after spaces, indented and
     multi-line blocks, line breaks other than \\n, a lone surrogate, empty and all-space blocks; every
     filter on and off, thresholds on either side of a block's share and length."""
-    from data_pipeline.filters import _judged, judge_arrays, judge_many
+    from data_pipeline.filters import REASONS, _judged, judge_arrays
+
+    def judged(blocks, f):
+        j = judge_arrays(blocks, f)
+        return [REASONS[r] for r in j.reason.tolist()], j.units.tolist()
 
     rng = random.Random(7)
     pieces = ["ab", "Z", "1", "½", "Ⅻ", "_", "我们", "ひら", "ไทย", "ລາວ", "ကမ", "ខ្មែរ", "𠀀", "ذهب", "é", "e\u0301", "ß",
@@ -254,9 +258,9 @@ def test_filters_judged_a_batch_at_a_time_agree_with_one_at_a_time():
         blocks += ["", " ", " \t ", "  >>> x y z", "x >>> y", "\n  indented after a newline", "$ls", "def f(): pass"]
         rng.shuffle(blocks)
         want = [_judged(b, f) for b in blocks]
-        assert judge_many(blocks, f) == ([r for r, _, _ in want], [u for _, _, u in want])
+        assert judged(blocks, f) == ([r for r, _, _ in want], [u for _, _, u in want])
         assert judge_arrays(blocks, f).normal.tolist() == [b == " ".join(b.split()) for b in blocks]
-    assert judge_many([], TextFilter()) == ([], []) and judge_many(["", " "], TextFilter()) == (["empty"] * 2, [-1] * 2)
+    assert judged([], TextFilter()) == ([], []) and judged(["", " "], TextFilter()) == (["empty"] * 2, [-1] * 2)
     assert judge_arrays(["", " "], TextFilter()).normal.tolist() == [True, False]
 
 
