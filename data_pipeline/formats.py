@@ -260,20 +260,19 @@ def read_columns(src: SourceFile, spec: ReadSpec) -> Iterator[Columns]:
     if src.format == "lines":
         yield from _line_columns(src, spec)
         return
-    items = read_items(src, spec)
+    items, pairs = read_items(src, spec), spec.task == "pairs"
     while batch := list(islice(items, JUDGE_BATCH)):
         runs, start = [], 0
         for k in range(1, len(batch) + 1):
             if k == len(batch) or batch[k].group != batch[start].group:
                 runs.append((start, k, batch[start].group))
                 start = k
-        pairs = spec.task == "pairs"
         yield Columns(runs, [item.src for item in batch] if pairs else None, [item.text for item in batch])
 
 
 def _line_columns(src: SourceFile, spec: ReadSpec) -> Iterator[Columns]:
-    """What `_line_items` yields, in batches: lines split at \\n after universal-newline decoding, as
-    iterating the text file does, a last line without its \\n included."""
+    """A `lines` file in batches: lines split at \\n after universal-newline decoding, as iterating the text
+    file does, a last line without its \\n included; a line's group is its line number // `doc_lines`."""
     first, tail = src.first_line, ""
     with open_text(src.path, src.start, src.end) as f:
         while block := f.read(LINE_BATCH_CHARS):
@@ -312,12 +311,9 @@ def _text_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
 
 
 def _line_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:
-    group, next_group = "", src.first_line  # the group's key is made once a group, not once a line
-    with open_text(src.path, src.start, src.end) as f:
-        for i, line in enumerate(f, start=src.first_line):
-            if i >= next_group:
-                group, next_group = str(i // spec.doc_lines), (i // spec.doc_lines + 1) * spec.doc_lines
-            yield Item(group, None, line.rstrip("\n"))
+    for cols in _line_columns(src, spec):
+        for start, end, group in cols.runs:
+            yield from (Item(group, None, line) for line in cols.text[start:end])
 
 
 def _jsonl_items(src: SourceFile, spec: ReadSpec) -> Iterator[Item]:

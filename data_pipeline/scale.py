@@ -44,7 +44,7 @@ import numpy as np
 
 from .chunks import token_chunks
 from .filters import FILTERS
-from .formats import Kept, ReadSpec, Record, SourceFile, record_batches
+from .formats import Kept, ReadSpec, SourceFile, record_batches
 from .parts import parts_of, splittable
 from .shards import END_OF_ARCHIVE, NumberedKeys, WrittenShard, tar_samples
 from .sources import SPLITS
@@ -142,17 +142,12 @@ def bar(desc: str, total: int | None, unit: str, progress: bool):
 # --- scan ------------------------------------------------------------------------------------------
 
 
-def content_hash(rec: Record) -> tuple[bytes, int]:
-    """The 16-byte digest of the text, case and whitespace ignored (what de-duplication compares), and the
-    UTF-8 size of that normalised text (what the tokenizer sample's budget counts: the same for every copy).
-    `records` gives whitespace-normalised texts, so only case is folded here. Tables and samples hold a
-    digest as (hi, lo) = its first 8 bytes, then its last 8, each read little-endian, and sort by that."""
-    norm = f"{rec.src or ''}\x00{rec.tgt}".casefold().encode()
-    return _blake2b(norm, digest_size=16).digest(), len(norm)
-
-
 def content_hashes(src: list[str] | None, tgt: list[str]) -> tuple[bytes, np.ndarray]:
-    """`content_hash` of many samples (sources None for `text`): their digests side by side, and sizes."""
+    """Each sample's (sources None for `text`) 16-byte digest of its text, case and whitespace ignored
+    (what de-duplication compares), side by side, and the UTF-8 sizes of those normalised texts (what the
+    tokenizer sample's budget counts: the same for every copy). `records` gives whitespace-normalised
+    texts, so only case is folded here. Tables and samples hold a digest as (hi, lo) = its first 8 bytes,
+    then its last 8, each read little-endian, and sort by that."""
     folded = [f"\x00{t}".casefold().encode() for t in tgt] if src is None else \
         [f"{s}\x00{t}".casefold().encode() for s, t in zip(src, tgt)]
     digest = _blake2b
@@ -168,7 +163,7 @@ FOLD_BYTES = 1 << 20
 class BottomK:
     """The train texts with the smallest content hashes, at most `budget` bytes: a prefix of the hash
     order, so a global prefix can be merged from per-file ones whatever the number of files or parts.
-    A hash's size is its normalised text's (`content_hash`), the same for each copy, and of a hash's
+    A hash's size is its normalised text's (`content_hashes`), the same for each copy, and of a hash's
     copies the smallest texts count: both rules hold however the copies are spread, so merging per-part
     samples gives the sample of the whole file. The first hash that does not fit is kept too (last, over
     the budget): a part whose sample lacked it could not tell a merge that the prefix stops there.
@@ -186,19 +181,8 @@ class BottomK:
     def _clear(self) -> None:
         self.digests, self.texts, self.ntexts, self.sizes, self.bytes = bytearray(), [], array("q"), array("q"), 0
 
-    def add(self, digest: bytes, texts: tuple[str, ...], size: int) -> None:
-        """`digest`: `content_hash`'s 16 bytes."""
-        self.digests += digest
-        self.texts += texts
-        self.ntexts.append(len(texts))
-        self.sizes.append(size)
-        self.bytes += size
-        if self.bytes > self.fold_at:
-            self._fold()
-
-    def add_many(self, digests: bytes, texts: list[str], sizes: np.ndarray, per_item: int) -> None:
-        """`add` of many items at once: `content_hashes`' digests and sizes, and the items' texts in order,
-        `per_item` each."""
+    def add(self, digests: bytes, texts: list[str], sizes: np.ndarray, per_item: int) -> None:
+        """Items: `content_hashes`' digests and sizes, and the items' texts in order, `per_item` each."""
         self.digests += digests
         self.texts += texts
         self.ntexts.extend([per_item] * len(sizes))
@@ -351,9 +335,9 @@ def _sample_train(sample: BottomK, digests: bytes, split: np.ndarray, sizes: np.
         tgt = [tgt[i] for i in take.tolist()]
         src = None if src is None else [src[i] for i in take.tolist()]
     if src is None:
-        sample.add_many(digests, tgt, sizes, 1)
+        sample.add(digests, tgt, sizes, 1)
     else:
-        sample.add_many(digests, [t for pair in zip(src, tgt) for t in pair], sizes, 2)
+        sample.add(digests, [t for pair in zip(src, tgt) for t in pair], sizes, 2)
 
 
 # --- dedup ------------------------------------------------------------------------------------------
@@ -415,7 +399,7 @@ class Sample:
     hashes: np.ndarray
     """HASH2_DTYPE, ascending."""
     sizes: np.ndarray
-    """Each item's size (`content_hash`)."""
+    """Each item's size (`content_hashes`)."""
     ntexts: np.ndarray
     """Texts of each item (1, or 2 for a pair)."""
     text: str

@@ -269,9 +269,9 @@ def test_filters_judged_a_batch_at_a_time_agree_with_one_at_a_time():
 def test_records_are_the_one_item_filters_applied_in_order(tmp_path, monkeypatch, task, max_docs, batch_chars):
     """`records` (items judged a batch at a time, lookups cached per document) against the one-item
     definitions applied line by line: kept whole, cut at sentence ends, truncated, dropped by each filter,
-    past max_docs; the same drop counts; whitespace-normalised texts, which `content_hash` relies on. Small
+    past max_docs; the same drop counts; whitespace-normalised texts, which `content_hashes` relies on. Small
     batches put some rows in batches where every item passes whole (taken as columns), others in batches
-    with an item to cut (taken one at a time); `content_hashes` of a batch is `content_hash` of each."""
+    with an item to cut (taken one at a time); `content_hashes` against its definition, sample by sample."""
     from data_pipeline import formats
     from data_pipeline.sources import restore_source
 
@@ -308,21 +308,20 @@ def test_records_are_the_one_item_filters_applied_in_order(tmp_path, monkeypatch
     got = list(records(src, rs, drops, max_docs=max_docs))
     assert [(r.src, r.tgt) for r in got] == want and [r.pos for r in got] == list(range(len(want)))
     assert drops == +Counter({**want_drops, "read": len(read)})
-    for rec in got:  # texts come whitespace-normalised: `content_hash` folds only case, as its definition
+    definition = []  # texts come whitespace-normalised: `content_hashes` folds only case, as its definition
+    for rec in got:
         assert all(t == " ".join(t.split()) for t in (rec.src or "", rec.tgt)), rec
         norm = " ".join(f"{rec.src or ''}\x00{rec.tgt}".split()).casefold().encode()
-        assert scale.content_hash(rec) == (hashlib.blake2b(norm, digest_size=16).digest(), len(norm))
+        definition.append((hashlib.blake2b(norm, digest_size=16).digest(), len(norm)))
     digests, sizes = scale.content_hashes(None if task == "text" else [r.src for r in got], [r.tgt for r in got])
-    assert (digests, sizes.tolist()) == (b"".join(scale.content_hash(r)[0] for r in got),
-                                         [scale.content_hash(r)[1] for r in got])
+    assert (digests, sizes.tolist()) == (b"".join(d for d, _ in definition), [n for _, n in definition])
     *_, table, sample, summary = scale.scan_file(src, rs, max_docs, 1 << 20)  # splits, and train only sampled
     assert table[np.argsort(table["pos"])]["split"].tolist() == [SPLITS.index(r.split) for r in got]
     assert {r.split for r in got} == set(SPLITS) or max_docs >= 0
     train = BottomK(1 << 20)
-    for r in got:
+    for r, (digest, size) in zip(got, definition):
         if r.split == "train":
-            digest, size = scale.content_hash(r)
-            train.add(digest, (r.tgt,) if r.src is None else (r.src, r.tgt), size)
+            train.add(digest, [r.tgt] if r.src is None else [r.src, r.tgt], np.array([size]), 1 if r.src is None else 2)
     assert sample.items() == train.sample().items() and summary.samples == [
         sum(r.split == split for r in got) for split in SPLITS]
 
@@ -433,8 +432,8 @@ def test_parts_start_at_the_line_numbers_python_counts(tmp_path, monkeypatch, bl
 
 @pytest.mark.parametrize("batch_chars", [1, 5, 64, 1 << 19])
 def test_lines_read_as_columns_are_the_lines_python_iterates(tmp_path, monkeypatch, batch_chars):
-    """`read_columns` of `lines` (blocks of characters split at \\n, no Item a line) against `_line_items`
-    (the text file iterated a line at a time) on \\r\\n and lone \\r ends across block edges, blank lines,
+    """`read_columns` of `lines` (blocks of characters split at \\n, no Item a line) against the text file
+    iterated a line at a time on \\r\\n and lone \\r ends across block edges, blank lines,
     multi-byte text, a BOM, no final line end, and parts starting mid-file; runs are the `doc_lines` groups
     by line number. Other formats are `read_items` in batches, runs where the group changes."""
     from data_pipeline import formats
@@ -454,8 +453,10 @@ def test_lines_read_as_columns_are_the_lines_python_iterates(tmp_path, monkeypat
         return out
 
     for src in [whole, *parts_of(whole, 700, 9)]:
-        want = [tuple(item) for item in formats._line_items(src, rs)]
+        with formats.open_text(src.path, src.start, src.end) as f:
+            want = [(str(i // 9), None, line.rstrip("\n")) for i, line in enumerate(f, start=src.first_line)]
         assert flat(formats.read_columns(src, rs)) == want and len(want) > 30
+        assert [tuple(item) for item in formats.read_items(src, rs)] == want
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"row {i}", "doc": i // 4 % 3}) + "\n"
                                               for i in range(40)))
     src = list_sources([str(tmp_path / "c.jsonl")], "jsonl")[0]
@@ -569,12 +570,8 @@ def test_the_tokenizer_sample_is_bounded_and_independent_of_how_files_are_cut():
         while at < len(entries):  # an item at a time, or a few of one text count at once (a scan's batch)
             run = entries[at:at + rng.randint(1, 6)]
             run = run[:next((k for k, e in enumerate(run) if len(e[1]) != len(run[0][1])), len(run))]
-            if len(run) == 1 and rng.random() < 0.5:
-                (hi, lo), texts, size = run[0]
-                part.add(hi.to_bytes(8, "little") + lo.to_bytes(8, "little"), texts, size)
-            else:
-                part.add_many(b"".join(hi.to_bytes(8, "little") + lo.to_bytes(8, "little") for (hi, lo), _, _ in run),
-                              [t for _, texts, _ in run for t in texts], np.array([n for *_, n in run]), len(run[0][1]))
+            part.add(b"".join(hi.to_bytes(8, "little") + lo.to_bytes(8, "little") for (hi, lo), _, _ in run),
+                     [t for _, texts, _ in run for t in texts], np.array([n for *_, n in run]), len(run[0][1]))
             at += len(run)
         return part.sample()
 
